@@ -1,0 +1,48 @@
+"""Shared fixtures. torch and torchvision are imported here, before any Qt/GL object exists:
+importing torchvision after a viewer created a GL context crashes the process."""
+
+from __future__ import annotations
+
+import os
+
+import torch  # noqa: F401  (import order matters, see module docstring)
+import torchvision  # noqa: F401
+
+os.environ.setdefault("QT_QPA_PLATFORM", "xcb")
+
+import pathlib  # noqa: E402
+
+import pytest  # noqa: E402
+
+#: Real volumes shipped by Debian's mricron-data (installed by .ci/run).
+MRICRON_DIR = pathlib.Path("/usr/share/mricron/templates")
+
+
+def _require(path: pathlib.Path) -> pathlib.Path:
+    if not path.exists():
+        pytest.skip(f"{path} is missing: install Debian's mricron-data (bash .ci/run does)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def ch2_path() -> pathlib.Path:
+    """Colin27 T1 head, RAS, 1 mm (181 x 217 x 181)."""
+    return _require(MRICRON_DIR / "ch2.nii.gz")
+
+
+@pytest.fixture(scope="session")
+def ch2bet_path() -> pathlib.Path:
+    """Colin27 brain only, same grid as ch2: ``> 0`` is a real brain mask."""
+    return _require(MRICRON_DIR / "ch2bet.nii.gz")
+
+
+@pytest.fixture(scope="session")
+def aal_path() -> pathlib.Path:
+    """AAL atlas (116 regions) on the ch2 grid."""
+    return _require(MRICRON_DIR / "aal.nii.gz")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _torch_threads():
+    # Two cores here: keep torch from oversubscribing when pytest-qt threads run too.
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
