@@ -4,15 +4,13 @@ importing torchvision after a viewer created a GL context crashes the process.""
 from __future__ import annotations
 
 import os
+import pathlib
 
-import torch  # noqa: F401  (import order matters, see module docstring)
-import torchvision  # noqa: F401
+import pytest
+import torch
+import torchvision  # noqa: F401  (import order matters, see module docstring)
 
 os.environ.setdefault("QT_QPA_PLATFORM", "xcb")
-
-import pathlib  # noqa: E402
-
-import pytest  # noqa: E402
 
 #: Real volumes shipped by Debian's mricron-data (installed by .ci/run).
 MRICRON_DIR = pathlib.Path("/usr/share/mricron/templates")
@@ -46,3 +44,13 @@ def aal_path() -> pathlib.Path:
 def _torch_threads():
     # Two cores here: keep torch from oversubscribing when pytest-qt threads run too.
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``gpu`` run only where CUDA is available; everything else always runs."""
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)

@@ -115,7 +115,9 @@ class FacTQKV(nn.Module):
         Dropout on the core outputs during training (0.1 in the paper), one per branch.
     """
 
-    def __init__(self, qkv: nn.Linear, shared: FacTShared, scale: float = 1.0, dropout: float = 0.1):
+    def __init__(
+        self, qkv: nn.Linear, shared: FacTShared, scale: float = 1.0, dropout: float = 0.1
+    ):
         super().__init__()
         rank = shared.u.out_features
         self.qkv = qkv

@@ -97,7 +97,9 @@ class SegmentationModel(nn.Module):
         """
         raise NotImplementedError
 
-    def decode(self, embeddings: torch.Tensor, boxes_xyxy: torch.Tensor | None = None) -> torch.Tensor:
+    def decode(
+        self, embeddings: torch.Tensor, boxes_xyxy: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Mask logits from embeddings and optional boxes (one per row).
 
         Parameters
