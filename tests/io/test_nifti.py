@@ -1,0 +1,345 @@
+"""NIfTI geometry, laziness, labels detection and exact round trips, on real files."""
+
+from __future__ import annotations
+
+import gzip
+import pathlib
+
+import nibabel as nib
+import numpy as np
+import pytest
+from nibabel.affines import apply_affine
+from nibabel.orientations import axcodes2ornt, io_orientation, ornt_transform
+
+from napari_masam.io.nifti import (
+    DISPLAY_ORIENTATION,
+    ObliqueAffineWarning,
+    read_nifti,
+    write_nifti,
+)
+
+# (x, y, z)_RAS -> display world (z, -y, -x), written out independently of the module
+TO_WORLD = np.array([[0, 0, 1], [0, -1, 0], [-1, 0, 0]], dtype=float)
+
+NIB_FILES = ["anatomical.nii", "functional.nii", "reoriented_anat_moved.nii", "standard.nii.gz"]
+MRICRON = ["ch2_path", "ch2bet_path", "aal_path"]
+
+
+def _spatial(vol):
+    return np.asarray(vol.spacing_zyx), np.asarray(vol.translate_zyx)
+
+
+def _check_voxels_land_where_nibabel_says(path: pathlib.Path, n: int = 200) -> None:
+    """Every sampled file voxel ijk: its value sits in the displayed array at the index whose
+    napari world position (translate + scale * index) is nibabel's affine @ ijk."""
+    img = nib.load(path)
+    file_data = np.asanyarray(img.dataobj)
+    vol = read_nifti(path)
+    scale, translate = _spatial(vol)
+    shape3 = img.shape[:3]
+    rng = np.random.default_rng(0)
+    ijk = np.stack([rng.integers(0, s, n) for s in shape3], axis=1)
+    ijk = np.concatenate(
+        [ijk, np.array(np.meshgrid(*[[0, s - 1] for s in shape3])).reshape(3, -1).T]
+    )
+    world = apply_affine(img.affine, ijk) @ TO_WORLD.T
+    display_index = (world - translate) / scale
+    np.testing.assert_allclose(display_index, np.round(display_index), atol=1e-3)
+    d = np.round(display_index).astype(int)
+    assert (d >= 0).all() and (d < np.array(vol.data.shape[-3:])).all()
+    data = np.asarray(vol.data)
+    if data.ndim == 3:
+        np.testing.assert_array_equal(data[tuple(d.T)], file_data[tuple(ijk.T)])
+    else:  # (T, Z, Y, X): every time point
+        for t in range(data.shape[0]):
+            # nibabel's dataobj applies scl_slope/scl_inter itself
+            np.testing.assert_allclose(
+                data[t][tuple(d.T)], file_data[..., t][tuple(ijk.T)], rtol=1e-6
+            )
+
+
+@pytest.mark.parametrize("name", NIB_FILES)
+def test_nibabel_files_geometry(nib_data, name):
+    _check_voxels_land_where_nibabel_says(nib_data / name)
+
+
+@pytest.mark.parametrize("fixture", MRICRON)
+def test_mricron_geometry(request, fixture):
+    path = request.getfixturevalue(fixture)
+    _check_voxels_land_where_nibabel_says(path, n=50)
+
+
+def _reoriented_copy(src: pathlib.Path, codes: str, out: pathlib.Path, zooms=None) -> pathlib.Path:
+    img = nib.load(src)
+    if zooms is not None:  # anisotropic: stretch the voxel axes
+        aff = img.affine.copy()
+        aff[:3, :3] = aff[:3, :3] @ np.diag(zooms)
+        img = nib.Nifti1Image(np.asanyarray(img.dataobj), aff, header=img.header)
+    ornt = ornt_transform(io_orientation(img.affine), axcodes2ornt(tuple(codes)))
+    new = img.as_reoriented(ornt)
+    nib.save(new, out)
+    assert "".join(nib.aff2axcodes(nib.load(out).affine)) == codes
+    return out
+
+
+@pytest.mark.parametrize("codes", ["RAS", "LAS", "LPS", "LSA", "PIR", "SPL", "ILA"])
+@pytest.mark.parametrize("zooms", [None, (0.7, 1.3, 3.0)])
+def test_orientations_overlay_identically(small_head, tmp_path, codes, zooms):
+    ref_path = _reoriented_copy(small_head, "RAS", tmp_path / "ref.nii.gz", zooms)
+    path = _reoriented_copy(small_head, codes, tmp_path / f"{codes}.nii", zooms)
+    ref, vol = read_nifti(ref_path), read_nifti(path)
+    assert vol.orientation == codes
+    np.testing.assert_array_equal(np.asarray(vol.data), np.asarray(ref.data))
+    np.testing.assert_allclose(vol.spacing_zyx, ref.spacing_zyx, rtol=1e-6)
+    np.testing.assert_allclose(vol.translate_zyx, ref.translate_zyx, atol=1e-4)
+    _check_voxels_land_where_nibabel_says(path, n=60)
+    expected_spacing = np.array(zooms or (1, 1, 1))[::-1] * 3.0  # RAS file axes i,j,k -> Z,Y,X
+    np.testing.assert_allclose(ref.spacing_zyx, expected_spacing, rtol=1e-6)
+    # exact round trip in the file's own orientation
+    out = write_nifti(tmp_path / f"rt_{codes}.nii", vol.data, vol.metadata, is_labels=False)
+    a, b = nib.load(path), nib.load(out)
+    np.testing.assert_array_equal(b.affine, a.affine)
+    np.testing.assert_array_equal(np.asanyarray(b.dataobj), np.asanyarray(a.dataobj))
+
+
+def test_display_orientation_matches_model_contract():
+    from napari_masam.model.base import DISPLAY_ORIENTATION as MODEL_ORIENTATION
+
+    assert DISPLAY_ORIENTATION == MODEL_ORIENTATION == "SPL"
+
+
+def test_ras_file_is_authors_orientation(small_head):
+    """For a RAS file the display is A.T[::-1, ::-1] per the spec: (Z, Y, X) with Y, X flipped."""
+    raw = np.asanyarray(nib.load(small_head).dataobj)
+    expected = raw.transpose(2, 1, 0)[:, ::-1, ::-1]
+    np.testing.assert_array_equal(np.asarray(read_nifti(small_head).data), expected)
+
+
+def test_voxel_corners_match_nibabel(small_head, tmp_path):
+    """World extent of the displayed array (voxel corners) equals nibabel's corners."""
+    path = _reoriented_copy(small_head, "LPS", tmp_path / "lps.nii", (0.5, 1.0, 2.5))
+    img, vol = nib.load(path), read_nifti(path)
+    corners = np.array(np.meshgrid(*[[-0.5, s - 0.5] for s in img.shape])).reshape(3, -1).T
+    world = apply_affine(img.affine, corners) @ TO_WORLD.T
+    scale, translate = _spatial(vol)
+    lo = translate - 0.5 * scale
+    hi = translate + (np.array(vol.data.shape) - 0.5) * scale
+    np.testing.assert_allclose(world.min(axis=0), lo, atol=1e-4)
+    np.testing.assert_allclose(world.max(axis=0), hi, atol=1e-4)
+
+
+def test_oblique_warns_and_keeps_affine(nib_data, tmp_path):
+    path = nib_data / "example4d.nii.gz"
+    img = nib.load(path)
+    with pytest.warns(ObliqueAffineWarning):
+        vol = read_nifti(path)
+    assert vol.oblique
+    np.testing.assert_array_equal(vol.metadata["affine"], img.affine)
+    assert vol.data.shape == (2, 24, 96, 128)  # time leads, then (Z, Y, X)
+    # voxel 0 of the display sits exactly where nibabel puts that voxel
+    flip = np.array(vol.metadata["transform"])
+    ijk0 = np.array([0 if f == 1 else img.shape[i] - 1 for i, (_, f) in enumerate(flip)])
+    np.testing.assert_allclose(
+        vol.translate_zyx, TO_WORLD @ apply_affine(img.affine, ijk0), atol=1e-4
+    )
+    # spacing = lengths of the affine's columns (zooms), in display order
+    zooms = np.linalg.norm(img.affine[:3, :3], axis=0)
+    np.testing.assert_allclose(sorted(vol.spacing_zyx), sorted(zooms), rtol=1e-6)
+    out = write_nifti(tmp_path / "obl.nii.gz", vol.data, vol.metadata, is_labels=False)
+    back = nib.load(out)
+    np.testing.assert_array_equal(back.affine, img.affine)
+    np.testing.assert_array_equal(np.asanyarray(back.dataobj), np.asanyarray(img.dataobj))
+
+
+def test_rotated_ch2_is_oblique(small_head, tmp_path):
+    img = nib.load(small_head)
+    c, s = np.cos(0.2), np.sin(0.2)
+    rot = np.array([[c, -s, 0, 0], [s, c, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]])
+    out = tmp_path / "rot.nii.gz"
+    nib.save(nib.Nifti1Image(np.asanyarray(img.dataobj), rot @ img.affine), out)
+    with pytest.warns(ObliqueAffineWarning):
+        vol = read_nifti(out)
+    np.testing.assert_allclose(vol.spacing_zyx, (3.0, 3.0, 3.0), rtol=1e-5)
+
+
+def test_uncompressed_is_lazy_and_native_dtype(nib_data, tmp_path):
+    vol = read_nifti(nib_data / "anatomical.nii")
+    base = vol.data
+    while getattr(base, "base", None) is not None and not isinstance(base, np.memmap):
+        base = base.base
+    assert isinstance(base, np.memmap)  # a view of nibabel's memory map, nothing read
+    assert vol.data.dtype == np.dtype(">i2")
+    gz = read_nifti(nib_data / "example4d.nii.gz", as_labels=False)
+    assert gz.data.dtype == np.int16  # no float64 copy
+
+
+def test_scaled_file_float32_matches_nibabel(nib_data):
+    path = nib_data / "functional.nii"
+    vol = read_nifti(path)
+    assert vol.data.dtype == np.float32
+    expected = nib.load(path).get_fdata()  # (X, Y, Z, T) float64
+    ornt = ornt_transform(io_orientation(nib.load(path).affine), axcodes2ornt(("S", "P", "L")))
+    for t in (0, 7, 19):
+        ref = nib.orientations.apply_orientation(expected[..., t], ornt)
+        np.testing.assert_allclose(vol.data[t], ref, rtol=1e-6)
+
+
+def test_labels_detection(ch2_path, ch2bet_path, aal_path, tmp_path):
+    assert read_nifti(aal_path).is_labels  # intent "label"
+    assert not read_nifti(ch2_path).is_labels
+    assert not read_nifti(ch2bet_path).is_labels
+    mask = (np.asanyarray(nib.load(ch2bet_path).dataobj) > 0).astype(np.uint8)
+    aff = nib.load(ch2bet_path).affine
+    for name in ("brain.nii.gz", "liver_seg.nii.gz"):  # few values / name hint
+        nib.save(nib.Nifti1Image(mask, aff), tmp_path / name)
+        assert read_nifti(tmp_path / name).is_labels
+    assert not read_nifti(tmp_path / "brain.nii.gz", as_labels=False).is_labels
+    vol = read_nifti(ch2_path, as_labels=True)
+    assert vol.is_labels and vol.data.dtype == np.uint8
+    nib.save(nib.Nifti1Image(mask.astype(np.float32), aff), tmp_path / "float_mask.nii.gz")
+    fl = read_nifti(tmp_path / "float_mask.nii.gz")
+    assert not fl.is_labels  # float: an image unless asked
+    forced = read_nifti(tmp_path / "float_mask.nii.gz", as_labels=True)
+    assert forced.data.dtype == np.uint8
+    np.testing.assert_array_equal(
+        np.asarray(forced.data), np.asarray(read_nifti(tmp_path / "brain.nii.gz").data)
+    )
+
+
+@pytest.mark.filterwarnings("ignore::napari_masam.io.nifti.ObliqueAffineWarning")
+@pytest.mark.parametrize("ext", [".nii", ".nii.gz"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "anatomical.nii",
+        "functional.nii",
+        "reoriented_anat_moved.nii",
+        "standard.nii.gz",
+        "example_nifti2.nii.gz",
+    ],
+)
+def test_round_trip_exact(nib_data, tmp_path, name, ext):
+    src = nib_data / name
+    vol = read_nifti(src)
+    out = write_nifti(tmp_path / f"out{ext}", vol.data, vol.metadata, is_labels=vol.is_labels)
+    a, b = nib.load(src), nib.load(out)
+    assert type(a.header) is type(b.header)
+    np.testing.assert_array_equal(b.affine, a.affine)
+    assert b.get_data_dtype() == a.get_data_dtype()
+    np.testing.assert_array_equal(np.asanyarray(b.dataobj), np.asanyarray(a.dataobj))
+    for key in ("qform_code", "sform_code", "xyzt_units", "quatern_b", "srow_x", "pixdim"):
+        np.testing.assert_array_equal(b.header[key], a.header[key])
+    again = read_nifti(out)
+    np.testing.assert_array_equal(np.asarray(again.data), np.asarray(vol.data))
+    if src.suffix == ".nii" and ext == ".nii":  # uncompressed: the very same bytes
+        assert out.read_bytes() == src.read_bytes()
+
+
+def test_labels_on_image_geometry(ch2_path, ch2bet_path, tmp_path):
+    """Labels drawn on ch2 are written with ch2's affine and header, smallest dtype."""
+    vol = read_nifti(ch2_path)
+    labels = (np.asarray(read_nifti(ch2bet_path).data) > 0).astype(np.int32) * 300
+    out = write_nifti(tmp_path / "mask", labels, vol.metadata)
+    assert out.name == "mask.nii.gz"
+    back = nib.load(out)
+    assert back.get_data_dtype() == np.uint16
+    assert back.header.get_intent()[0] == "label"
+    np.testing.assert_array_equal(back.affine, nib.load(ch2_path).affine)
+    assert int(back.header["sform_code"]) == int(nib.load(ch2_path).header["sform_code"])
+    expected = (np.asanyarray(nib.load(ch2bet_path).dataobj) > 0) * 300
+    np.testing.assert_array_equal(np.asanyarray(back.dataobj), expected)
+
+
+def test_minimal_dtypes(small_head, tmp_path):
+    vol = read_nifti(small_head)
+    for values, dtype in (
+        ((0, 1), np.uint8),
+        ((0, 256), np.uint16),
+        ((-1, 5), np.int8),
+        ((0, 70000), np.uint32),
+    ):
+        data = np.zeros(vol.data.shape, np.int64)
+        data[0, 0, 0], data[-1, -1, -1] = values
+        back = nib.load(write_nifti(tmp_path / "l.nii.gz", data, vol.metadata))
+        assert back.get_data_dtype() == dtype
+    with pytest.raises(ValueError, match="whole numbers"):
+        write_nifti(tmp_path / "bad.nii.gz", np.full(vol.data.shape, 0.5), vol.metadata)
+    with pytest.raises(ValueError, match="does not match the displayed shape"):
+        write_nifti(tmp_path / "bad.nii.gz", np.zeros((3, 4, 5), np.uint8), vol.metadata)
+
+
+def test_write_without_reference_keeps_world_geometry(small_head, tmp_path):
+    vol = read_nifti(small_head)
+    out = write_nifti(
+        tmp_path / "new.nii.gz",
+        np.asarray(vol.data),
+        None,
+        is_labels=False,
+        spacing_zyx=vol.spacing_zyx,
+        translate_zyx=vol.translate_zyx,
+    )
+    back = read_nifti(out, as_labels=False)
+    assert back.orientation == "RAS"
+    np.testing.assert_array_equal(np.asarray(back.data), np.asarray(vol.data))
+    np.testing.assert_allclose(back.spacing_zyx, vol.spacing_zyx)
+    np.testing.assert_allclose(back.translate_zyx, vol.translate_zyx, atol=1e-4)
+    np.testing.assert_allclose(nib.load(out).affine, nib.load(small_head).affine, atol=1e-4)
+
+
+@pytest.mark.parametrize("codes", ["RAS", "LPS", "ASL"])
+def test_2d_files(tmp_path, codes):
+    rng = np.random.default_rng(1)
+    data2d = rng.integers(0, 1000, (13, 9)).astype(np.int16)
+    aff = np.diag([0.8, 0.6, 2.0, 1.0])
+    aff[:3, 3] = (10, -20, 30)
+    img = nib.Nifti1Image(data2d, aff)
+    ornt = ornt_transform(io_orientation(aff), axcodes2ornt(tuple(codes)))
+    img = nib.Nifti1Image(data2d[..., None], aff).as_reoriented(ornt)
+    if img.shape[2] == 1:
+        img = nib.Nifti1Image(np.asanyarray(img.dataobj)[..., 0], img.affine)
+    path = tmp_path / "slice.nii"
+    nib.save(img, path)
+    vol = read_nifti(path, as_labels=False)
+    assert np.asarray(vol.data).ndim in (2, 3)
+    assert sorted(np.asarray(vol.data).shape)[-2:] == [9, 13]
+    out = write_nifti(tmp_path / "slice_rt.nii", vol.data, vol.metadata, is_labels=False)
+    np.testing.assert_array_equal(np.asanyarray(nib.load(out).dataobj), np.asanyarray(img.dataobj))
+    np.testing.assert_array_equal(nib.load(out).affine, nib.load(path).affine)
+
+
+def test_true_2d_file_is_shown_2d(tmp_path):
+    data2d = np.arange(7 * 5, dtype=np.int16).reshape(7, 5)
+    nib.save(nib.Nifti1Image(data2d, np.diag([0.5, 0.25, 3, 1])), tmp_path / "p.nii")
+    vol = read_nifti(tmp_path / "p.nii", as_labels=False)
+    assert vol.data.shape == (5, 7)  # (Y, X) of an axial slice: rows posterior, cols left
+    np.testing.assert_array_equal(vol.data, data2d.T[::-1, ::-1])
+    np.testing.assert_allclose(vol.spacing_zyx, (0.25, 0.5))
+
+
+@pytest.mark.parametrize(
+    "kind", ["truncated_nii", "truncated_gz", "not_nifti", "empty", "garbage_gz"]
+)
+def test_bad_files_raise_clear_errors(nib_data, tmp_path, kind):
+    from napari_masam._reader import napari_get_reader
+
+    src = (nib_data / "anatomical.nii").read_bytes()
+    path = tmp_path / ("bad.nii.gz" if "gz" in kind else "bad.nii")
+    if kind == "truncated_nii":
+        path.write_bytes(src[: len(src) // 2])
+    elif kind == "truncated_gz":
+        path.write_bytes(gzip.compress(src)[:3000])
+    elif kind == "not_nifti":
+        path.write_text("this is not a NIfTI file\n" * 40)
+    elif kind == "empty":
+        path.write_bytes(b"")
+    else:
+        path.write_bytes(b"\x1f\x8b" + bytes(range(256)) * 4)
+    with pytest.raises(ValueError, match=str(path.name)):
+        read_nifti(path)
+    reader = napari_get_reader(str(path))
+    assert reader is None or reader(str(path)) is None
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        read_nifti(tmp_path / "nope.nii.gz")
