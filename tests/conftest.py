@@ -42,8 +42,9 @@ def aal_path() -> pathlib.Path:
 
 @pytest.fixture(autouse=True, scope="session")
 def _torch_threads():
-    # Two cores here: keep torch from oversubscribing when pytest-qt threads run too.
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    # Tiny test models gain nothing from intra-op threads, and oversubscribing two cores
+    # (pytest-qt worker threads run beside the main thread) made them ~10x slower.
+    torch.set_num_threads(1)
 
 
 def pytest_collection_modifyitems(config, items):

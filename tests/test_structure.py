@@ -54,6 +54,8 @@ _CORE = (
     "napari_masam.preprocess",
     "napari_masam.prompts",
     "napari_masam.inference",
+    "napari_masam.cache",
+    "napari_masam.session",
     "napari_masam.io",
     "napari_masam.cli",
 )

@@ -20,6 +20,7 @@ _LAZY = {
     "DEFAULT_MODEL": ".model.registry",
     "build_model": ".model.registry",
     "load_model": ".checkpoints",
+    "SegmentationSession": ".session",
     "iter_segment_automatic": ".inference",
     "iter_segment_boxes": ".inference",
     "read_nifti": ".io.nifti",

@@ -1,0 +1,862 @@
+"""The headless engine: whole stacks through a :class:`SegmentationModel`, as generators.
+
+Two modes, one machinery:
+
+* :func:`iter_segment_automatic`: prompt-free multi-class labels, the MA-SAM authors' whole-volume
+  procedure (spec ``MASAM.md`` section 7);
+* :func:`iter_segment_boxes`: one label per object from per-slice box prompts.
+
+Both are plain generators: they yield :class:`Progress` (one per finished slice, with that
+slice's labels) and ``return`` a :class:`SegmentationResult` (``StopIteration.value``; see
+:func:`run`). Cancelling = ``generator.close()``: slices yielded so far (and written into
+``out``) stay as they were; nothing else is touched. The stack is read slice by slice (an
+array-like such as a lazy video reader works), and only a band of slices is kept, so memory
+does not grow with the depth beyond the output labels.
+
+Frames: the stack ``(Z, Y, X)`` grey or ``(T, Y, X, 3)`` RGB (``(T, Y, X, 4)``: alpha dropped)
+in axis codes ``stack_orientation`` (default: the model's, i.e. no reorientation); results are
+on that same grid. Boxes follow :mod:`napari_masam.prompts`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Generator, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import numpy as np
+
+from .preprocess import (
+    IntensityPreset,
+    OrientationTransform,
+    ResizeInfo,
+    boxes_to_model_frame,
+    minmax_with,
+    normalize_slice,
+    orientation_transform,
+    probabilities_to_grid,
+    resize_info,
+    resize_slices_torch,
+    resolve_preset,
+    volume_window,
+)
+from .prompts import clip_box
+
+if TYPE_CHECKING:
+    import torch
+
+    from .cache import EmbeddingCache
+    from .model.base import SegmentationModel
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+#: Upper bound of the automatic batch size (windows per forward pass).
+MAX_BATCH_WINDOWS = 32
+
+
+# ----------------------------------------------------------------------------------------------
+# Public records
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class Progress:
+    """One step of an ``iter_*`` generator.
+
+    Attributes
+    ----------
+    done : int
+        Slices finished so far.
+    total : int
+        Slices that will be finished (all slices in automatic mode, slices with a box in box
+        mode).
+    elapsed_s : float
+        Seconds since the generator started.
+    slice_index : int or None
+        Stack index of the slice just finished.
+    labels_slice : ndarray or None
+        (Y, X) labels of that slice on the stack's grid (uint8 or uint16).
+    stage : str
+        ``"automatic"`` or ``"boxes"``.
+    """
+
+    done: int
+    total: int
+    elapsed_s: float
+    slice_index: int | None = None
+    labels_slice: np.ndarray | None = None
+    stage: str = ""
+
+    @property
+    def fraction(self) -> float:
+        """``done / total`` (1.0 for an empty job)."""
+        return self.done / self.total if self.total else 1.0
+
+    @property
+    def slices_per_s(self) -> float:
+        return self.done / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+    @property
+    def eta_s(self) -> float | None:
+        """Seconds left at the current rate (None before the first slice)."""
+        rate = self.slices_per_s
+        return (self.total - self.done) / rate if rate > 0 else None
+
+
+@dataclass
+class SegmentationResult:
+    """What a finished ``iter_*`` generator returns.
+
+    Attributes
+    ----------
+    labels : ndarray or None
+        (Z, Y, X) uint8 (uint16 for >= 255 classes/object ids) on the stack's grid; 0 =
+        background, ``i`` = class ``i`` (automatic) or object id ``i`` (boxes). None when
+        ``keep_labels=False`` and no ``out`` was given. In box mode, slices without a box are 0.
+    class_names, class_colors : tuple of str
+        From the model metadata (automatic) or ``object <id>`` names (boxes).
+    preset : IntensityPreset
+    model_name : str
+    mode : str
+        ``"automatic"`` or ``"boxes"``.
+    stride : int or None
+        Window stride (automatic).
+    timings : dict
+        ``total_s``, ``encode_s``, ``decode_s``, ``windows_encoded``, ``cache_hits``, ...
+    preprocessing : dict
+        JSON-able: preset, volume window, orientation transform, resize, slices per group.
+    object_ids : tuple of int
+        Box mode: the objects segmented.
+    """
+
+    labels: np.ndarray | None
+    class_names: tuple[str, ...]
+    class_colors: tuple[str, ...]
+    preset: IntensityPreset
+    model_name: str
+    mode: str
+    stride: int | None
+    timings: dict[str, float] = field(default_factory=dict)
+    preprocessing: dict[str, Any] = field(default_factory=dict)
+    object_ids: tuple[int, ...] = ()
+
+    def provenance(self) -> dict[str, Any]:
+        """JSON-able record for sidecars (everything but the labels)."""
+        return {
+            "mode": self.mode,
+            "model_name": self.model_name,
+            "class_names": list(self.class_names),
+            "class_colors": list(self.class_colors),
+            "stride": self.stride,
+            "object_ids": list(self.object_ids),
+            "preprocessing": self.preprocessing,
+            "timings": self.timings,
+        }
+
+
+def run(generator: Generator[Any, Any, T]) -> T:
+    """Drive an ``iter_*`` generator to the end and return its result."""
+    while True:
+        try:
+            next(generator)
+        except StopIteration as stop:
+            return stop.value
+
+
+# ----------------------------------------------------------------------------------------------
+# Helpers
+# ----------------------------------------------------------------------------------------------
+def default_batch_size(model: SegmentationModel, device: torch.device) -> int:
+    """Windows per forward pass: 1 on CPU (compute bound; batching only costs memory); on a GPU,
+    what fits in about half the free memory at a rough 4 kB per input pixel per slice
+    (ViT activations), between 1 and :data:`MAX_BATCH_WINDOWS`."""
+    import torch
+
+    if device.type != "cuda":
+        return 1
+    try:
+        free, _ = torch.cuda.mem_get_info(device)
+    except Exception:  # pragma: no cover - old drivers
+        return 1
+    per_window = 4096 * model.image_size**2 * model.slices_per_group
+    return int(max(1, min(MAX_BATCH_WINDOWS, (free // 2) // per_window)))
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int | None) -> Iterator[None]:
+    import torch
+
+    if n is None:
+        yield
+        return
+    old = torch.get_num_threads()
+    torch.set_num_threads(max(1, int(n)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def _label_dtype(max_value: int) -> np.dtype:
+    return np.dtype(np.uint8) if max_value < 255 else np.dtype(np.uint16)
+
+
+def _stack_geometry(stack: Any) -> tuple[tuple[int, int, int], bool]:
+    shape = (
+        tuple(int(s) for s in np.shape(stack))
+        if not hasattr(stack, "shape")
+        else tuple(int(s) for s in stack.shape)
+    )
+    if len(shape) == 3:
+        return shape, False  # type: ignore[return-value]
+    if len(shape) == 4 and shape[-1] in (3, 4):
+        return shape[:3], True  # type: ignore[return-value]
+    raise ValueError(
+        f"Expected a stack (Z, Y, X) or an RGB stack (T, Y, X, 3), got shape {shape}; add a "
+        "leading axis for a single 2D image (image[None])."
+    )
+
+
+@dataclass
+class _Prepared:
+    """A slice of the oriented frame, volume-normalised and resized (not yet padded)."""
+
+    model: np.ndarray  # K x sy x sx float32 (K = 1 grey, 3 RGB)
+    low: np.float32
+    high: np.float32
+    digest: str | None
+
+
+class _Engine:
+    """Per-run state shared by both modes: reader, geometry, device, cache keys."""
+
+    def __init__(
+        self,
+        model: SegmentationModel,
+        stack: Any,
+        *,
+        preset: str | IntensityPreset | None,
+        device: Any,
+        cache: EmbeddingCache | None,
+        stack_orientation: str | None,
+        batch_size: int | None,
+        autocast: bool,
+    ) -> None:
+        import torch
+
+        from .devices import resolve_device
+
+        self.model = model
+        self.stack = stack
+        meta = model.metadata
+        self.preset = resolve_preset(preset, default=meta.intensity_preset)
+        self.stack_shape, self.rgb = _stack_geometry(stack)
+        if self.stack_shape[0] < 1:
+            raise ValueError("The stack has no slices.")
+        model_orientation = meta.orientation
+        if stack_orientation is None:
+            stack_orientation = model_orientation
+        self.transform: OrientationTransform = orientation_transform(
+            stack_orientation, model_orientation
+        )
+        self.shape = self.transform.oriented_shape(self.stack_shape)  # oriented (Z, Y, X)
+        self.depth = self.shape[0]
+        self.group = int(model.slices_per_group)
+        self.front = (self.group - 1) // 2  # replicate-padded slices before the first one
+        self.info: ResizeInfo = resize_info(self.shape[1:], model.image_size, meta.resize_mode)
+        param = next(model.parameters(), None)
+        current = param.device if param is not None else torch.device("cpu")
+        self.device = current if device is None else resolve_device(device)
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        if self.device != current:
+            model.to(self.device)
+        self.batch_size = int(batch_size) if batch_size else default_batch_size(model, self.device)
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+        self.autocast = autocast
+        self.cache = cache
+        self._oriented: np.ndarray | None = None
+        if not self.transform.keeps_slice_axis:
+            # reslicing across the slice axis needs the whole stack (documented)
+            self._oriented = self.transform.to_model(np.asarray(stack))
+        self.window = volume_window(stack, self.preset)
+        self._buffer: dict[int, _Prepared] = {}
+        self.timings: dict[str, float] = {
+            "encode_s": 0.0,
+            "decode_s": 0.0,
+            "windows_encoded": 0,
+            "cache_hits": 0,
+        }
+        if cache is not None:
+            from .cache import model_identity
+
+            self._key_base = (
+                model_identity(model),
+                self.preset.key(),
+                repr(self.window),
+                self.info.image_size,
+                self.info.resize_mode,
+                self.group,
+            )
+
+    # -- reading ---------------------------------------------------------------------------
+    def raw_slice(self, z: int) -> np.ndarray:
+        """Oriented slice ``z`` as stored (Y, X) or (Y, X, 3)."""
+        if self._oriented is not None:
+            s = np.asarray(self._oriented[z])
+        else:
+            zs = self.transform.slice_from_model(z, self.depth)
+            s = self.transform.inplane_to_model(np.asarray(self.stack[zs]))
+        if self.rgb and s.shape[-1] == 4:
+            s = s[..., :3]
+        return s
+
+    def prepared(self, z: int) -> _Prepared:
+        import torch
+
+        hit = self._buffer.get(z)
+        if hit is not None:
+            return hit
+        raw = self.raw_slice(z)
+        digest = None
+        if self.cache is not None:
+            from .cache import hash_array
+
+            digest = hash_array(raw)
+        norm = normalize_slice(raw, self.preset, self.window)
+        chw = norm.transpose(2, 0, 1) if norm.ndim == 3 else norm[None]
+        low, high = np.float32(norm.min()), np.float32(norm.max())
+        sy, sx = self.info.scaled_yx
+        if (sy, sx) != self.info.shape_yx:
+            # resize before the group min-max: both are affine/linear, so the order only moves
+            # float rounding, and each slice is resized once instead of once per window
+            t = torch.from_numpy(np.ascontiguousarray(chw))[None]
+            chw = resize_slices_torch(t, (sy, sx))[0].numpy()
+        prep = _Prepared(np.ascontiguousarray(chw, dtype=np.float32), low, high, digest)
+        self._buffer[z] = prep
+        return prep
+
+    def release_below(self, z: int) -> None:
+        for k in [k for k in self._buffer if k < z]:
+            del self._buffer[k]
+
+    def keep_only(self, needed: set[int]) -> None:
+        for k in [k for k in self._buffer if k not in needed]:
+            del self._buffer[k]
+
+    def members(self, start: int) -> tuple[int, ...]:
+        """Oriented slices of the window starting at padded index ``start`` (replicate pad)."""
+        return tuple(min(max(start - self.front + d, 0), self.depth - 1) for d in range(self.group))
+
+    def group_input(self, members: Sequence[int]) -> np.ndarray:
+        """(D, 3, S, S) float32 model input of one window: per-group min-max, clamp, pad."""
+        preps = [self.prepared(m) for m in members]
+        x = np.stack([p.model for p in preps])  # D x K x sy x sx
+        if self.preset.group_minmax:
+            low = min(p.low for p in preps)
+            high = max(p.high for p in preps)
+            x = minmax_with(x, low, high)
+        if not self.info.is_identity:
+            x = np.clip(x, 0.0, 1.0)
+        s = self.info.image_size
+        sy, sx = x.shape[-2:]
+        if (sy, sx) != (s, s):
+            x = np.pad(x, ((0, 0), (0, 0), (0, s - sy), (0, s - sx)))
+        if x.shape[1] == 1:
+            x = np.repeat(x, 3, axis=1)
+        return x
+
+    # -- model -----------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def compute(self) -> Iterator[None]:
+        """Inference mode + autocast, entered only between yields (never across one)."""
+        import torch
+
+        from .devices import autocast_context
+
+        with torch.inference_mode(), autocast_context(self.device, enabled=self.autocast):
+            yield
+
+    def key(self, members: Sequence[int], row: int) -> str:
+        from .cache import make_key
+
+        digests = tuple(self.prepared(m).digest for m in members)
+        return make_key(*self._key_base, digests, row)
+
+    def embeddings(
+        self, windows: Sequence[Sequence[int]], rows: Sequence[int] | None
+    ) -> torch.Tensor:
+        """Embeddings of the given rows of each window, window-major.
+
+        Parameters
+        ----------
+        windows : sequence of member tuples
+        rows : sequence of int or None
+            Rows of each group wanted (None: all D rows).
+
+        Returns
+        -------
+        Tensor
+            (len(windows) * len(rows), E, g, g) on the engine's device.
+        """
+        import torch
+
+        wanted = list(range(self.group)) if rows is None else list(rows)
+        found: list[list[torch.Tensor] | None] = [None] * len(windows)
+        keys: list[list[str]] = []
+        if self.cache is not None:
+            for i, members in enumerate(windows):
+                k = [self.key(members, r) for r in wanted]
+                keys.append(k)
+                values = [self.cache.get(kk) for kk in k]
+                if all(v is not None for v in values):
+                    found[i] = [v.to(self.device) for v in values]  # type: ignore[union-attr]
+                    self.timings["cache_hits"] += 1
+        missing = [i for i, f in enumerate(found) if f is None]
+        if missing:
+            images = np.stack([self.group_input(windows[i]) for i in missing])
+            x = torch.from_numpy(images).to(self.device)  # B x D x 3 x S x S
+            t0 = time.perf_counter()
+            emb = self.model.encode(x)  # B*D x E x g x g
+            self.timings["encode_s"] += time.perf_counter() - t0
+            self.timings["windows_encoded"] += len(missing)
+            emb = emb.reshape(len(missing), self.group, *emb.shape[1:])
+            for j, i in enumerate(missing):
+                found[i] = [emb[j, r] for r in wanted]
+                if self.cache is not None:
+                    for r, kk in zip(wanted, keys[i]):
+                        self.cache.put(kk, emb[j, r])
+        return torch.stack([e for f in found for e in f])  # type: ignore[union-attr]
+
+    def decode(self, embeddings: torch.Tensor, boxes: torch.Tensor | None) -> torch.Tensor:
+        t0 = time.perf_counter()
+        logits = self.model.decode(embeddings, boxes)
+        self.timings["decode_s"] += time.perf_counter() - t0
+        return logits
+
+    def preprocessing(self) -> dict[str, Any]:
+        return {
+            "preset": self.preset.to_dict(),
+            "volume_window": list(self.window),
+            "stack_orientation_transform": self.transform.to_dict(),
+            "model_orientation": self.model.metadata.orientation,
+            "resize_mode": self.info.resize_mode,
+            "image_size": self.info.image_size,
+            "slices_per_group": self.group,
+            "group_padding": "replicate",
+        }
+
+    def labels_target(self, out: Any, keep_labels: bool, dtype: np.dtype) -> Any:
+        if out is not None:
+            if tuple(np.shape(out))[:3] != self.stack_shape:
+                raise ValueError(
+                    f"out has shape {np.shape(out)}, expected {self.stack_shape} (the stack's "
+                    "(Z, Y, X))."
+                )
+            return out
+        if keep_labels:
+            return np.zeros(self.stack_shape, dtype=dtype)
+        return None
+
+
+def _check_model(model: Any) -> None:
+    from .model.base import SegmentationModel
+
+    if not isinstance(model, SegmentationModel):
+        raise TypeError(
+            f"Expected a napari_masam SegmentationModel, got {type(model).__name__}; build one "
+            "with napari_masam.build_model or napari_masam.load_model."
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# Automatic mode
+# ----------------------------------------------------------------------------------------------
+def window_starts(depth: int, group: int, stride: int) -> list[int]:
+    """Padded start indices of the windows of :func:`iter_segment_automatic`.
+
+    The stack is replicate-padded by ``(D - 1) // 2`` slices in front and ``D // 2`` behind
+    (2 and 2 for D = 5, as the authors), giving ``depth`` windows at stride 1; at stride ``s``
+    every ``s``-th window, plus the last one so that the end is covered.
+    """
+    if not 1 <= stride <= group:
+        raise ValueError(
+            f"stride must be between 1 and the model's slices per group ({group}), got {stride}."
+        )
+    starts = list(range(0, depth, stride))
+    if starts[-1] != depth - 1:
+        starts.append(depth - 1)
+    return starts
+
+
+def iter_segment_automatic(
+    model: SegmentationModel,
+    stack: Any,
+    *,
+    preset: str | IntensityPreset | None = None,
+    stride: int = 1,
+    batch_size: int | None = None,
+    device: Any = None,
+    cache: EmbeddingCache | None = None,
+    stack_orientation: str | None = None,
+    out: Any = None,
+    keep_labels: bool = True,
+    autocast: bool = True,
+    num_threads: int | None = None,
+) -> Generator[Progress, None, SegmentationResult]:
+    """Prompt-free multi-class segmentation of a whole stack, slice by slice as they finish.
+
+    The MA-SAM authors' procedure (spec section 7) for a model with D = ``slices_per_group``:
+    the stack is padded by repeating its first slice ``(D - 1) // 2`` times and its last slice
+    ``D // 2`` times (2 and 2 for D = 5); windows of D consecutive padded slices start at every
+    padded index (stride 1), each is intensity-normalised as a group and encoded; the softmax
+    maps of its D rows are added to the slices they show (rows showing a padding copy are
+    dropped, as the authors crop their padded prediction). Each slice's probability is the mean
+    over the windows holding it (up to D), resampled bilinearly to the slice grid; the label is
+    the argmax. D = 1 models: plain per-slice segmentation.
+
+    With ``stride`` s (1..D) only every s-th window is run (plus the last one): each slice then
+    averages the (about D / s) windows that hold it, all with equal weight, so the encoder cost
+    drops by s at the price of less through-plane averaging (s = D: non-overlapping groups).
+
+    Streaming: windows run in order and a slice is final (yielded, then its probabilities are
+    freed) as soon as no later window holds it, so only about ``D + batch_size * stride``
+    slices of probabilities and inputs are alive at any time.
+
+    Parameters
+    ----------
+    model : SegmentationModel
+        With ``supports_automatic``.
+    stack : array-like
+        (Z, Y, X) grey or (T, Y, X, 3) uint8 RGB; read one slice at a time (``stack[z]``).
+    preset : str, IntensityPreset or None
+        Intensity preset (default: ``model.metadata.intensity_preset``).
+    stride : int
+        Window stride, 1 (the authors) .. D.
+    batch_size : int or None
+        Windows per forward pass (default :func:`default_batch_size`).
+    device : str, torch.device or None
+        Where to run (the model is moved there); None: where the model is.
+    cache : EmbeddingCache or None
+        Reuse/store the embeddings of every window row (then a later box run on the same stack
+        finds its embeddings here).
+    stack_orientation : str or None
+        Axis codes of the stack (default: the model's, no reorientation).
+    out : array-like or None
+        Preallocated (Z, Y, X) target written slice by slice (e.g. a memmap or a napari Labels
+        layer's data); returned as ``result.labels``.
+    keep_labels : bool
+        Without ``out``: allocate and return the full label volume (False: only yield slices).
+    autocast : bool
+        Mixed precision on GPUs (:func:`napari_masam.devices.autocast_context`).
+    num_threads : int or None
+        torch intra-op threads during the run (restored afterwards); None: leave as is.
+
+    Yields
+    ------
+    Progress
+        One per finished slice, in order of completion (stack order unless the model's
+        orientation reverses the slice axis).
+
+    Returns
+    -------
+    SegmentationResult
+
+    Raises
+    ------
+    ValueError
+        If the model has no automatic head, the stride is out of range or the stack is not a
+        stack.
+    """
+    import torch
+
+    _check_model(model)
+    if not model.supports_automatic:
+        raise ValueError(
+            f"Model {model.metadata.name!r} has no automatic (prompt-free) head; use box prompts "
+            "(iter_segment_boxes) or a multi-class MA-SAM checkpoint."
+        )
+    t_start = time.perf_counter()
+    with _torch_threads(num_threads):
+        eng = _Engine(
+            model,
+            stack,
+            preset=preset,
+            device=device,
+            cache=cache,
+            stack_orientation=stack_orientation,
+            batch_size=batch_size,
+            autocast=autocast,
+        )
+    depth, group, front = eng.depth, eng.group, eng.front
+    starts = window_starts(depth, group, int(stride))
+    dtype = _label_dtype(model.num_classes)
+    target = eng.labels_target(out, keep_labels, dtype)
+    oriented_labels = None
+    if not eng.transform.keeps_slice_axis:
+        # reslicing: oriented slices are not stack slices; collect, map back at the end
+        oriented_labels = np.zeros(eng.shape, dtype=dtype)
+    acc: dict[int, np.ndarray] = {}
+    counts: dict[int, int] = {}
+    next_final = 0
+    done = 0
+    was_training = model.training
+    if was_training:
+        model.eval()
+    try:
+        for b in range(0, len(starts), eng.batch_size):
+            batch = starts[b : b + eng.batch_size]
+            windows = [eng.members(w) for w in batch]
+            with _torch_threads(num_threads), eng.compute():
+                emb = eng.embeddings(windows, None)
+                logits = eng.decode(emb, None)  # B*D x C+1 x h x w
+                probs = logits.float().softmax(dim=1).cpu().numpy()
+            for i, w in enumerate(batch):
+                for d in range(group):
+                    z = w + d - front
+                    if not 0 <= z < depth:
+                        continue  # a replicate-padding copy: dropped
+                    row = probs[i * group + d]
+                    if z in acc:
+                        acc[z] += row
+                        counts[z] += 1
+                    else:
+                        acc[z] = row.copy()
+                        counts[z] = 1
+            del probs
+            following = starts[b + eng.batch_size] if b + eng.batch_size < len(starts) else None
+            final_upto = depth if following is None else min(depth, following - front)
+            while next_final < final_upto:
+                z = next_final
+                mean = acc.pop(z) / np.float32(counts.pop(z))
+                with _torch_threads(num_threads), torch.inference_mode():
+                    grid = probabilities_to_grid(torch.from_numpy(mean)[None], eng.info)
+                    labels = grid.argmax(dim=1)[0].numpy().astype(dtype)
+                del mean
+                next_final += 1
+                done += 1
+                if oriented_labels is not None:
+                    oriented_labels[z] = labels
+                    yield Progress(
+                        done, depth, time.perf_counter() - t_start, None, None, "automatic"
+                    )
+                    continue
+                zs = eng.transform.slice_from_model(z, depth)
+                labels = np.ascontiguousarray(eng.transform.inplane_from_model(labels))
+                if target is not None:
+                    target[zs] = labels
+                yield Progress(done, depth, time.perf_counter() - t_start, zs, labels, "automatic")
+            if following is not None:
+                eng.release_below(eng.members(following)[0])
+    finally:
+        if was_training:
+            model.train()
+    if oriented_labels is not None:
+        if target is None:
+            target = np.ascontiguousarray(eng.transform.from_model(oriented_labels))
+        else:
+            target[...] = eng.transform.from_model(oriented_labels)
+    eng.timings["total_s"] = time.perf_counter() - t_start
+    meta = model.metadata
+    return SegmentationResult(
+        labels=target,
+        class_names=tuple(meta.class_names),
+        class_colors=tuple(meta.class_colors),
+        preset=eng.preset,
+        model_name=meta.name,
+        mode="automatic",
+        stride=int(stride),
+        timings=dict(eng.timings),
+        preprocessing=eng.preprocessing(),
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Box mode
+# ----------------------------------------------------------------------------------------------
+_PALETTE = (
+    "#e6194b", "#3cb44b", "#ffe119", "#4363d8", "#f58231", "#911eb4", "#46f0f0", "#f032e6",
+    "#bcf60c", "#fabebe", "#008080", "#e6beff", "#9a6324", "#fffac8", "#800000", "#aaffc3",
+)  # fmt: skip
+
+
+def object_color(object_id: int) -> str:
+    """A distinct ``#rrggbb`` colour for an object id (cycles through 16 colours)."""
+    return _PALETTE[(int(object_id) - 1) % len(_PALETTE)]
+
+
+def _boxes_by_slice(
+    boxes: Mapping[int, Mapping[int, Sequence[float]]], stack_shape: tuple[int, int, int]
+) -> dict[int, list[tuple[int, tuple[int, int, int, int]]]]:
+    per: dict[int, list[tuple[int, tuple[int, int, int, int]]]] = {}
+    for oid, frames in boxes.items():
+        oid = int(oid)
+        if oid < 1:
+            raise ValueError(f"Object ids must be positive integers, got {oid}.")
+        for z, box in frames.items():
+            z = int(z)
+            if not 0 <= z < stack_shape[0]:
+                raise ValueError(
+                    f"Object {oid} has a box on slice {z}, outside the stack's "
+                    f"{stack_shape[0]} slices."
+                )
+            if len(box) != 4:
+                raise ValueError(f"Object {oid}, slice {z}: a box has 4 numbers, got {box!r}.")
+            clipped = clip_box(box, stack_shape[1:])
+            if clipped is None:
+                logger.warning("Object %d: box %s on slice %d lies outside the image.", oid, box, z)
+                continue
+            per.setdefault(z, []).append((oid, clipped))
+    return dict(sorted(per.items()))
+
+
+def iter_segment_boxes(
+    model: SegmentationModel,
+    stack: Any,
+    boxes: Mapping[int, Mapping[int, Sequence[float]]],
+    *,
+    preset: str | IntensityPreset | None = None,
+    device: Any = None,
+    cache: EmbeddingCache | None = None,
+    stack_orientation: str | None = None,
+    batch_size: int | None = None,
+    out: Any = None,
+    keep_labels: bool = True,
+    threshold: float = 0.5,
+    autocast: bool = True,
+    num_threads: int | None = None,
+) -> Generator[Progress, None, SegmentationResult]:
+    """Box-prompted segmentation: one label per object on every slice that has its box.
+
+    Parameters
+    ----------
+    model : SegmentationModel
+        With ``supports_boxes``.
+    stack : array-like
+        (Z, Y, X) grey or (T, Y, X, 3) uint8 RGB.
+    boxes : mapping object id -> mapping slice -> xyxy
+        Inclusive pixel boxes of the stack's slices (:mod:`napari_masam.prompts`; keyframes
+        already interpolated). Boxes are clipped to the slice; object ids are the label values.
+    preset, device, stack_orientation, out, keep_labels, autocast, num_threads
+        As :func:`iter_segment_automatic`.
+    cache : EmbeddingCache or None
+        Embeddings of each slice are looked up here first and stored after encoding, so further
+        boxes on the same stack run only the decoder.
+    batch_size : int or None
+        Slices encoded per forward pass.
+    threshold : float
+        Foreground probability above which a pixel belongs to an object.
+
+    Notes
+    -----
+    Group choice for D > 1 models: slice ``z`` is encoded in the window centred on it
+    (slices ``z - (D-1)//2 .. z + D//2``, replicate-padded at the stack ends, intensities
+    normalised per group) -- the same window the automatic mode's stride-1 pass runs, so its
+    embeddings are shared through the cache -- and only the row of ``z`` is decoded with the
+    box. The object probability is ``1 - p(background)`` (``sigmoid(x)`` for a binary
+    ``[0, x]`` model), resampled bilinearly to the slice grid; where boxes of several objects
+    overlap, the pixel goes to the object with the highest probability. Slices without a box are
+    not yielded and stay 0 (``out`` keeps its contents there).
+
+    Yields
+    ------
+    Progress
+        One per slice with at least one box, in stack order.
+
+    Returns
+    -------
+    SegmentationResult
+    """
+    import torch
+
+    _check_model(model)
+    if not model.supports_boxes:
+        raise ValueError(
+            f"Model {model.metadata.name!r} does not take box prompts; use automatic mode."
+        )
+    t_start = time.perf_counter()
+    with _torch_threads(num_threads):
+        eng = _Engine(
+            model,
+            stack,
+            preset=preset,
+            device=device,
+            cache=cache,
+            stack_orientation=stack_orientation,
+            batch_size=batch_size,
+            autocast=autocast,
+        )
+    if not eng.transform.keeps_slice_axis:
+        raise ValueError(
+            "Box prompts need the stack's slice axis to be the model's slice axis; reorient "
+            f"the stack first (stack transform {eng.transform.to_dict()})."
+        )
+    per_slice = _boxes_by_slice(boxes, eng.stack_shape)
+    object_ids = tuple(sorted({oid for items in per_slice.values() for oid, _ in items}))
+    dtype = _label_dtype(max(object_ids, default=0))
+    target = eng.labels_target(out, keep_labels, dtype)
+    total = len(per_slice)
+    depth, front = eng.depth, eng.front
+    slices = list(per_slice)
+    done = 0
+    was_training = model.training
+    if was_training:
+        model.eval()
+    try:
+        for b in range(0, len(slices), eng.batch_size):
+            batch = slices[b : b + eng.batch_size]
+            oriented = [eng.transform.slice_to_model(zs, depth) for zs in batch]
+            windows = [eng.members(z) for z in oriented]  # window centred on z
+            box_rows: list[np.ndarray] = []
+            owners: list[int] = []
+            for i, zs in enumerate(batch):
+                for _, box in per_slice[zs]:
+                    b_or = eng.transform.box_to_model(box, eng.stack_shape[1:])
+                    box_rows.append(boxes_to_model_frame(b_or[None], eng.info)[0])
+                    owners.append(i)
+            with _torch_threads(num_threads), eng.compute():
+                emb = eng.embeddings(windows, [front])  # B x E x g x g
+                index = torch.as_tensor(owners, device=emb.device)
+                boxes_t = torch.from_numpy(np.stack(box_rows)).to(emb.device)
+                logits = eng.decode(emb.index_select(0, index), boxes_t)  # N x C+1 x h x w
+                fg = 1.0 - logits.float().softmax(dim=1)[:, :1]
+                fg = probabilities_to_grid(fg, eng.info)[:, 0].cpu()  # N x Y x X
+            for i, zs in enumerate(batch):
+                rows = [k for k, o in enumerate(owners) if o == i]
+                ids = np.array([oid for oid, _ in per_slice[zs]])
+                p = fg[rows]
+                best, arg = p.max(dim=0)
+                labels = np.where(best.numpy() > threshold, ids[arg.numpy()], 0).astype(dtype)
+                labels = np.ascontiguousarray(eng.transform.inplane_from_model(labels))
+                if target is not None:
+                    target[zs] = labels
+                done += 1
+                yield Progress(done, total, time.perf_counter() - t_start, zs, labels, "boxes")
+            following = slices[b + eng.batch_size : b + 2 * eng.batch_size]
+            eng.keep_only(
+                {
+                    m
+                    for zs in following
+                    for m in eng.members(eng.transform.slice_to_model(zs, depth))
+                }
+            )
+    finally:
+        if was_training:
+            model.train()
+    eng.timings["total_s"] = time.perf_counter() - t_start
+    return SegmentationResult(
+        labels=target,
+        class_names=tuple(f"object {oid}" for oid in object_ids),
+        class_colors=tuple(object_color(oid) for oid in object_ids),
+        preset=eng.preset,
+        model_name=model.metadata.name,
+        mode="boxes",
+        stride=None,
+        timings=dict(eng.timings),
+        preprocessing=eng.preprocessing(),
+        object_ids=object_ids,
+    )

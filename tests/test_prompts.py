@@ -1,0 +1,184 @@
+"""The box convention: napari rectangles, keyframes, clipping and the CLI's boxes files."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from napari_masam.prompts import (
+    boxes_from_labels,
+    boxes_from_shapes,
+    clip_box,
+    interpolate_keyframes,
+    load_boxes_file,
+    rectangle_to_xyxy,
+    save_boxes_file,
+)
+
+
+def rect(z: float, r0: float, c0: float, r1: float, c1: float) -> np.ndarray:
+    """napari rectangle vertices (4, 3) in (z, row, col), drawn from (r0, c0) to (r1, c1)."""
+    return np.array([[z, r0, c0], [z, r0, c1], [z, r1, c1], [z, r1, c0]], dtype=float)
+
+
+@pytest.mark.parametrize(
+    ("vertices", "expected"),
+    [
+        ([[-0.5, -0.5], [9.5, 9.5]], (0, 0, 9, 9)),  # pixel edges
+        ([[0, 0], [9, 9]], (0, 0, 9, 9)),  # pixel centres
+        ([[9.5, 9.5], [-0.5, -0.5]], (0, 0, 9, 9)),  # inverted drawing direction
+        ([[2.0000001, 3], [4.9999999, 7]], (3, 2, 7, 5)),  # float noise of world_to_data
+        ([[3.2, 5.1], [3.4, 5.3]], (5, 3, 5, 3)),  # thinner than a pixel: nearest pixel
+        ([[1.2, 0.7], [6.6, 8.4]], (1, 2, 8, 6)),  # centres inside the rectangle
+    ],
+)
+def test_rectangle_to_xyxy(vertices, expected) -> None:
+    assert rectangle_to_xyxy(np.array(vertices)) == expected
+
+
+def test_clip_box_edges() -> None:
+    assert clip_box((-5, -3, 4, 100), (50, 60)) == (0, 0, 4, 49)
+    assert clip_box((70, 0, 80, 5), (50, 60)) is None
+    assert clip_box((59, 49, 59, 49), (50, 60)) == (59, 49, 59, 49)
+
+
+def test_interpolate_keyframes_linear() -> None:
+    key = {2: (10, 20, 30, 40), 6: (14, 20, 38, 48)}
+    out = interpolate_keyframes(key)
+    assert sorted(out) == [2, 3, 4, 5, 6]
+    # independent linear interpolation, rounded half up
+    for z in range(2, 7):
+        t = (z - 2) / 4
+        exp = [np.floor((1 - t) * a + t * b + 0.5) for a, b in zip(key[2], key[6])]
+        assert out[z] == tuple(int(v) for v in exp)
+    assert out[2] == key[2] and out[6] == key[6]
+
+
+def test_single_rectangle_with_range_is_a_3d_box() -> None:
+    out = interpolate_keyframes({5: (1, 2, 3, 4)}, slice_range=(3, 8))
+    assert out == {z: (1, 2, 3, 4) for z in range(3, 9)}
+    # extra keyframes: range ends repeat the nearest keyframe, outside the range nothing
+    out = interpolate_keyframes({4: (0, 0, 4, 4), 6: (2, 2, 6, 6)}, slice_range=(3, 5))
+    assert out == {3: (0, 0, 4, 4), 4: (0, 0, 4, 4), 5: (1, 1, 5, 5)}
+
+
+def test_boxes_from_shapes_scaled_translated_image() -> None:
+    scale = np.array([2.0, 0.5, 0.25])
+    translate = np.array([10.0, -3.0, 5.0])
+    # rectangle drawn in world coordinates on slice 3 covering pixels rows 4..9, cols 8..20
+    z, r0, c0, r1, c1 = 3, 4, 8, 9, 20
+    world = rect(z, r0, c0, r1, c1) * scale + translate
+    boxes = boxes_from_shapes(
+        [world], ["rectangle"], {"scale": scale, "translate": translate}, image_shape=(6, 30, 40)
+    )
+    assert boxes == {1: {3: (c0, r0, c1, r1)}}
+    # the same through a callable (napari's world_to_data takes one point)
+    boxes_callable = boxes_from_shapes(
+        [world], "rectangle", lambda p: (np.asarray(p) - translate) / scale
+    )
+    assert boxes_callable == boxes
+    # a Shapes layer with its own scale: its data -> world -> image data
+    shapes_data = rect(z, r0, c0, r1, c1) * scale / np.array([1.0, 0.5, 0.5])
+    via_layers = boxes_from_shapes(
+        [shapes_data],
+        ["rectangle"],
+        {"scale": scale, "translate": translate},
+        shapes_layer={"scale": [1.0, 0.5, 0.5], "translate": translate},
+    )
+    assert via_layers == boxes
+
+
+def test_boxes_from_real_napari_layers() -> None:
+    layers = pytest.importorskip("napari.layers")
+    image = layers.Image(np.zeros((6, 30, 40)), scale=(2.0, 0.5, 0.25), translate=(10, -3, 5))
+    world = rect(2, 4, 8, 9, 20) * np.array([2.0, 0.5, 0.25]) + np.array([10, -3, 5])
+    shapes = layers.Shapes([world], shape_type="rectangle")
+    boxes = boxes_from_shapes(shapes.data, shapes.shape_type, image, shapes_layer=shapes)
+    assert boxes == {1: {2: (8, 4, 20, 9)}}
+
+
+def test_boxes_from_shapes_ids_keyframes_edges_and_skips() -> None:
+    shapes = [
+        rect(0, -4, -4, 5, 6),  # object 1, touches/overflows the top-left corner
+        rect(4, 2, 2, 8, 12),  # object 1 keyframe
+        rect(2, 20, 30, 10, 25),  # object 2, drawn bottom-right to top-left
+        rect(1, 0, 0, 3, 3),  # a polygon: ignored
+        rect(9, 0, 0, 3, 3),  # object 3 on a slice outside the stack: dropped
+    ]
+    types = ["rectangle", "rectangle", "rectangle", "polygon", "rectangle"]
+    boxes = boxes_from_shapes(
+        shapes, types, None, object_ids=[1, 1, 2, 7, 3], image_shape=(5, 16, 28)
+    )
+    assert sorted(boxes) == [1, 2]
+    assert boxes[1][0] == (0, 0, 6, 5)
+    assert sorted(boxes[1]) == [0, 1, 2, 3, 4]
+    # interpolation uses the rectangles as drawn, clipping comes last:
+    # halfway between (-4, -4, 6, 5) and (2, 2, 12, 8) is (-1, -1, 9, 7) -> clipped
+    assert boxes[1][2] == (0, 0, 9, 7)
+    assert boxes[2] == {2: (25, 10, 27, 15)}  # clipped to the 28 x 16 slice
+
+
+def test_object_ids_from_features_and_colors() -> None:
+    shapes = [rect(0, 0, 0, 2, 2), rect(3, 1, 1, 3, 3), rect(1, 5, 5, 7, 7)]
+    by_feature = boxes_from_shapes(shapes, "rectangle", features={"object_id": [4, 4, 9]})
+    assert sorted(by_feature) == [4, 9]
+    assert sorted(by_feature[4]) == [0, 1, 2, 3]
+    red, blue = [1, 0, 0, 1], [0, 0, 1, 1]
+    by_colour = boxes_from_shapes(shapes, "rectangle", colors=[red, blue, red])
+    assert sorted(by_colour) == [1, 2]
+    assert sorted(by_colour[1]) == [0, 1]
+    per_rect = boxes_from_shapes(shapes, "rectangle")
+    assert sorted(per_rect) == [1, 2, 3]
+    assert boxes_from_shapes([], []) == {}
+    with pytest.raises(ValueError, match="object ids"):
+        boxes_from_shapes(shapes, "rectangle", object_ids=[1])
+
+
+def test_boxes_from_labels() -> None:
+    labels = np.zeros((3, 10, 12), np.uint8)
+    labels[1, 2:5, 3:9] = 2
+    labels[2, 0, 11] = 2
+    assert boxes_from_labels(labels) == {2: {1: (3, 2, 8, 4), 2: (11, 0, 11, 0)}}
+
+
+@pytest.mark.parametrize("suffix", [".json", ".csv"])
+def test_boxes_file_round_trip_and_keyframes(tmp_path, suffix) -> None:
+    path = tmp_path / f"boxes{suffix}"
+    if suffix == ".json":
+        records = [
+            {"object": 1, "slice": 2, "x0": 10, "y0": 10, "x1": 20, "y1": 30},
+            {"object_id": 1, "frame": 4, "x0": 14, "y0": 10, "x1": 24, "y1": 30},
+            {"id": 2, "z": 0, "x0": 5, "y0": 5, "x1": 1, "y1": 1, "last_slice": 2},
+        ]
+        path.write_text(json.dumps({"boxes": records}))
+    else:
+        path.write_text(
+            "object,slice,x0,y0,x1,y1,last_slice\n"
+            "1,2,10,10,20,30,\n1,4,14,10,24,30,\n2,0,5,5,1,1,2\n"
+        )
+    boxes = load_boxes_file(path)
+    assert boxes[1] == {2: (10, 10, 20, 30), 3: (12, 10, 22, 30), 4: (14, 10, 24, 30)}
+    assert boxes[2] == {z: (1, 1, 5, 5) for z in range(3)}  # inverted corners, 3D box
+    assert load_boxes_file(path, interpolate=False)[1] == {2: (10, 10, 20, 30), 4: (14, 10, 24, 30)}
+    out = tmp_path / f"again{suffix}"
+    save_boxes_file(boxes, out)
+    assert load_boxes_file(out) == boxes
+
+
+def test_boxes_file_errors(tmp_path) -> None:
+    with pytest.raises(FileNotFoundError):
+        load_boxes_file(tmp_path / "missing.json")
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(ValueError, match="Cannot parse"):
+        load_boxes_file(bad)
+    missing = tmp_path / "missing_field.csv"
+    missing.write_text("object,slice,x0,y0,x1\n1,2,3,4,5\n")
+    with pytest.raises(ValueError, match="y1"):
+        load_boxes_file(missing)
+    other = tmp_path / "boxes.txt"
+    other.write_text("")
+    with pytest.raises(ValueError, match="suffix"):
+        load_boxes_file(other)
