@@ -1,0 +1,344 @@
+"""``napari-masam`` end to end with a tiny MA-SAM saved in our single-file format.
+
+The tiny model has random weights: what matters is that the CLI gives exactly the labels the
+engine gives when called directly, that NIfTI outputs carry their input's header, and that
+batches resume, overwrite and report failures as documented.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import av
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from napari_masam import batch, cli
+
+
+# ------------------------------------------------------------------------------------ fixtures
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from napari_masam.checkpoints import save_checkpoint
+    from napari_masam.model.masam import build_masam
+
+    torch.manual_seed(0)
+    model = build_masam("tiny", num_classes=2)
+    path = tmp_path_factory.mktemp("model") / "tiny.safetensors"
+    save_checkpoint(model, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_checkpoint: Path):
+    """The engine called directly (no batch code), for the reference labels."""
+    from napari_masam.session import SegmentationSession
+
+    return SegmentationSession.from_source(str(tiny_checkpoint), device="cpu")
+
+
+def _smooth_volume(shape_xyz: tuple[int, int, int], seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    x, y, z = np.meshgrid(*(np.linspace(-1, 1, n) for n in shape_xyz), indexing="ij")
+    blob = np.exp(-((x - 0.3) ** 2 + (y + 0.2) ** 2) * 6) * (1 + 0.3 * z)
+    return 1000 * blob + rng.normal(0, 20, shape_xyz)
+
+
+def write_ras(path: Path) -> Path:
+    """RAS+ float volume, qform and sform code 1 (scanner)."""
+    affine = np.array([[1.2, 0, 0, -10.0], [0, 1.1, 0, 20.0], [0, 0, 2.5, -5.0], [0, 0, 0, 1]])
+    img = nib.Nifti1Image(_smooth_volume((20, 16, 4), 1).astype(np.float32), affine)
+    img.set_qform(affine, code=1)
+    img.set_sform(affine, code=1)
+    nib.save(img, path)
+    return path
+
+
+def write_las(path: Path) -> Path:
+    """LAS int16 volume (x flipped), qform code 2 (aligned), sform code 4 (MNI)."""
+    affine = np.array([[-0.9, 0, 0, 30.0], [0, 1.0, 0, -7.0], [0, 0, 3.0, 11.0], [0, 0, 0, 1]])
+    img = nib.Nifti1Image(_smooth_volume((18, 14, 3), 2).astype(np.int16), affine)
+    img.set_qform(affine, code=2)
+    img.set_sform(affine, code=4)
+    nib.save(img, path)
+    return path
+
+
+def write_video(path: Path, n_frames: int = 6, height: int = 32, width: int = 40) -> Path:
+    rng = np.random.default_rng(3)
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mpeg4", rate=10)
+        stream.width, stream.height = width, height
+        stream.pix_fmt = "yuv420p"
+        for t in range(n_frames):
+            frame = np.full((height, width, 3), 40, np.uint8)
+            frame[8:24, 4 + 3 * t : 20 + 3 * t] = rng.integers(150, 255, 3)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+@pytest.fixture
+def input_folder(tmp_path: Path) -> Path:
+    folder = tmp_path / "inputs"
+    folder.mkdir()
+    write_ras(folder / "a_ras.nii.gz")
+    write_las(folder / "b_las.nii")
+    write_video(folder / "c_clip.mp4")
+    (folder / "broken.nii.gz").write_bytes(b"\x1f\x8b" + b"definitely not a volume" * 20)
+    (folder / "notes.txt").write_text("ignored")
+    return folder
+
+
+def run_cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    code = cli.main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _display_labels(path: Path) -> np.ndarray:
+    from napari_masam.io.nifti import read_nifti
+
+    return np.asarray(read_nifti(path, as_labels=True).data)
+
+
+def _engine_labels(engine, stack: np.ndarray) -> np.ndarray:
+    gen = engine.iter_automatic(stack)
+    while True:
+        try:
+            next(gen)
+        except StopIteration as stop:
+            return np.asarray(stop.value.labels)
+
+
+# ------------------------------------------------------------------------------------ tests
+def test_segment_folder_end_to_end(
+    capsys: pytest.CaptureFixture[str],
+    input_folder: Path,
+    tmp_path: Path,
+    tiny_checkpoint: Path,
+    engine,
+) -> None:
+    from napari_masam.io.nifti import read_nifti
+    from napari_masam.io.video import VideoReader
+
+    out = tmp_path / "out"
+    args = ["segment", input_folder, "-o", out, "--checkpoint", tiny_checkpoint, "--device", "cpu"]
+    code, stdout, stderr = run_cli(capsys, *args, "--json", "--chunk-frames", "4")
+    summary = json.loads(stdout)
+    assert code == 1  # the corrupt file fails the batch ...
+    assert "broken.nii.gz" in stderr  # ... with its name on stderr
+    by_name = {Path(r["input"]).name: r for r in summary["results"]}
+    assert set(by_name) == {"a_ras.nii.gz", "b_las.nii", "c_clip.mp4", "broken.nii.gz"}
+    assert by_name["broken.nii.gz"]["status"] == "failed"
+    assert "broken.nii.gz" in by_name["broken.nii.gz"]["error"]
+    assert [by_name[n]["status"] for n in ("a_ras.nii.gz", "b_las.nii", "c_clip.mp4")] == [
+        "done"
+    ] * 3
+    assert (summary["done"], summary["failed"], summary["skipped"]) == (3, 1, 0)
+    assert not list(out.glob("broken*")) and not list(out.glob(".*"))  # no partial outputs
+
+    # NIfTI outputs carry their input's geometry and header codes
+    for name, stem in (("a_ras.nii.gz", "a_ras"), ("b_las.nii", "b_las")):
+        source, result = nib.load(input_folder / name), nib.load(out / f"{stem}_seg.nii.gz")
+        assert result.shape == source.shape
+        np.testing.assert_allclose(result.affine, source.affine, atol=1e-5)
+        assert int(result.header["qform_code"]) == int(source.header["qform_code"])
+        assert int(result.header["sform_code"]) == int(source.header["sform_code"])
+        np.testing.assert_allclose(result.header.get_zooms(), source.header.get_zooms())
+        # same labels as the engine called directly on the displayed volume
+        expected = _engine_labels(engine, np.asarray(read_nifti(input_folder / name).data))
+        np.testing.assert_array_equal(_display_labels(out / f"{stem}_seg.nii.gz"), expected)
+        assert len(np.unique(expected)) > 1  # not a trivial all-background comparison
+
+    # independent check of the orientation for the RAS file: display (Z, Y, X) = (S, P, L),
+    # so file voxel (x, y, z) shows at display (z, Y-1-y, X-1-x)
+    file_labels = np.asarray(nib.load(out / "a_ras_seg.nii.gz").dataobj)
+    display = _display_labels(out / "a_ras_seg.nii.gz")
+    np.testing.assert_array_equal(file_labels, display[:, ::-1, ::-1].transpose(2, 1, 0))
+
+    # the video, streamed in chunks of 4 (+4 overlap), equals the engine on the whole clip
+    frames = np.asarray(VideoReader(input_folder / "c_clip.mp4")[:])
+    expected = _engine_labels(engine, frames)
+    pngs = sorted((out / "c_clip_seg").glob("frame_*.png"))
+    got = np.stack([np.asarray(Image.open(p)) for p in pngs])
+    np.testing.assert_array_equal(got, expected)
+
+    # provenance sidecar
+    side = json.loads((out / "a_ras_seg.json").read_text())
+    assert side["model"]["kind"] == "masam"
+    assert side["model"]["files"]["checkpoint"]["sha256"] == batch.file_sha256(tiny_checkpoint)
+    assert side["input"]["sha256"] == batch.file_sha256(input_folder / "a_ras.nii.gz")
+    assert side["mode"] == "auto" and side["preprocessing"]["slices_per_group"] == 5
+    assert side["software"]["torch"] == torch.__version__.split("+")[0] or side["software"]["torch"]
+
+    # a rerun skips everything that is up to date (and still reports the broken file)
+    stamps = {p: p.stat().st_mtime_ns for p in out.iterdir()}
+    code, stdout, _ = run_cli(capsys, *args, "--json", "--quiet")
+    summary = json.loads(stdout)
+    assert code == 1
+    assert (summary["done"], summary["skipped"], summary["failed"]) == (0, 3, 1)
+    assert {p: p.stat().st_mtime_ns for p in out.iterdir()} == stamps
+
+    # --overwrite redoes (one input here to keep the test quick); without the broken file: 0
+    code, stdout, _ = run_cli(
+        capsys, *args[:1], input_folder / "b_las.nii", *args[2:], "--overwrite", "--json"
+    )
+    assert code == 0
+    assert json.loads(stdout)["done"] == 1
+    assert (out / "b_las_seg.nii.gz").stat().st_mtime_ns != stamps[out / "b_las_seg.nii.gz"]
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--mode", "boxes"], "--mode boxes needs --boxes"),
+        (["--model", "no_such_model"], "neither a known model"),
+        (["--checkpoint", "missing.safetensors"], "no such file"),
+        (["--masam-checkpoint", __file__], "needs --sam-checkpoint"),
+        (["--stride", "0"], "stride"),
+    ],
+)
+def test_usage_errors_exit_2(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, extra: list[str], message: str
+) -> None:
+    write_las(tmp_path / "x.nii")
+    code, _, stderr = run_cli(capsys, "segment", tmp_path / "x.nii", "-o", tmp_path / "o", *extra)
+    assert code == 2
+    assert message in stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_box_only_default_model_without_boxes_is_a_clear_error(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    write_las(tmp_path / "x.nii")
+    code, _, stderr = run_cli(
+        capsys, "segment", tmp_path / "x.nii", "-o", tmp_path / "o", "--device", "cpu"
+    )
+    assert code == 2
+    assert "needs box prompts" in stderr and "--boxes" in stderr
+
+
+def test_no_inputs_is_a_usage_error(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    code, _, stderr = run_cli(capsys, "segment", tmp_path, "-o", tmp_path / "o")
+    assert code == 2 and "no NIfTI, video or TIFF inputs" in stderr
+
+
+def test_info_json(capsys: pytest.CaptureFixture[str]) -> None:
+    from napari_masam.model.registry import DEFAULT_MODEL, MODEL_REGISTRY
+
+    code, stdout, _ = run_cli(capsys, "info", "--json")
+    info = json.loads(stdout)
+    assert code == 0
+    assert [m["name"] for m in info["models"]] == list(MODEL_REGISTRY)
+    assert [m["name"] for m in info["models"] if m["default"]] == [DEFAULT_MODEL]
+    assert "cpu" in info["devices"]["available"]
+    assert info["software"]["numpy"] == np.__version__
+
+
+def test_console_script_is_installed() -> None:
+    from napari_masam import __version__
+
+    script = Path(sys.executable).with_name("napari-masam")
+    if not script.exists():
+        pytest.skip("console script not installed (pip install -e .)")
+    out = subprocess.run([str(script), "--version"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == f"napari-masam {__version__}"
+
+
+def test_train_subcommand_is_wired(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["train", "--help"])
+    assert exit_info.value.code == 0
+    assert "train" in capsys.readouterr().out
+
+
+def test_demo_boxes_find_the_phantom_organs(tmp_path: Path) -> None:
+    from napari_masam.io.nifti import read_nifti
+
+    path = cli.write_phantom(tmp_path / "phantom.nii.gz")
+    volume = np.asarray(read_nifti(path).data)
+    boxes = cli.derive_demo_boxes(volume)
+    assert sorted(boxes) == [1, 2]
+    threshold = 300  # body is ~100, the organs 450 and 600 (see write_phantom)
+    for frames in boxes.values():
+        for z, (x0, y0, x1, y1) in frames.items():
+            inside = volume[z, int(y0) : int(y1) + 1, int(x0) : int(x1) + 1] > threshold
+            # the box holds one organ's cross-section, with at most a 3-pixel margin
+            assert inside.sum() > 20
+            assert inside[3:-3, 3:-3].sum() >= 0.9 * inside.sum()
+
+
+def _brain_mask_on_sample_grid(ch2bet: Path, sample: Path) -> nib.Nifti1Image:
+    """ch2bet (the sample subject's brain mask) on the sample's 2 mm grid, by the sample's
+    recipe: pad to even sizes, 2 x 2 x 2 block mean (here > 0.5), the sample's affine."""
+    mask = (np.asarray(nib.load(ch2bet).dataobj) > 0).astype(np.float64)
+    mask = np.pad(mask, [(0, n % 2) for n in mask.shape])
+    x, y, z = (n // 2 for n in mask.shape)
+    small = mask.reshape(x, 2, y, 2, z, 2).mean(axis=(1, 3, 5)) > 0.5
+    return nib.Nifti1Image(small.astype(np.uint8), nib.load(sample).affine)
+
+
+@pytest.mark.slow  # real LiteMedSAM on 5 slices: ~10 s idle, minutes on a shared 2-core box
+def test_demo_end_to_end(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, ch2bet_path: Path
+) -> None:
+    """The README quick start: real LiteMedSAM weights on the bundled sample, checked against
+    the same subject's brain mask."""
+    from napari_masam.io.nifti import read_nifti
+
+    out = tmp_path / "demo"
+    code, stdout, stderr = run_cli(capsys, "demo", "-o", out, "--device", "cpu", "--json", "-q")
+    assert code == 0, stderr
+    summary = json.loads(stdout)
+    labels_path = Path(summary["outputs"][0])
+    side = json.loads(Path(summary["sidecar"]).read_text())
+    assert side["mode"] == "boxes" and side["model"]["kind"] == "litemedsam"
+    labels = _display_labels(labels_path) > 0
+    if summary["input_source"] == "bundled sample":
+        assert side["prompts"]["objects"] == [1]
+        sample = Path(summary["input"])
+        brain_img = _brain_mask_on_sample_grid(ch2bet_path, sample)
+        nib.save(brain_img, tmp_path / "brain.nii.gz")
+        brain = np.asarray(read_nifti(tmp_path / "brain.nii.gz", as_labels=True).data) > 0
+        slices = sorted(int(z) for z in np.flatnonzero(labels.any(axis=(1, 2))))
+        assert slices == list(range(38, 43))  # keyframes 38, 40, 42 + interpolated 39, 41
+        inside = (labels & brain).sum() / labels.sum()
+        dice = 2 * (labels & brain).sum() / (labels.sum() + brain[38:43].sum())
+        assert inside > 0.9, inside  # LiteMedSAM stays within the brain ...
+        assert dice > 0.5, dice  # ... and covers most of it (zero-shot, on a T1 MRI)
+    else:  # no sample bundled: the phantom's organs
+        volume = np.asarray(read_nifti(summary["input"]).data)
+        organs = volume > 300
+        dice = 2 * (organs & labels).sum() / (organs[labels.any(axis=(1, 2))].sum() + labels.sum())
+        assert dice > 0.7, dice
+    code, stdout, _ = run_cli(capsys, "demo", "-o", out, "--device", "cpu", "--json", "-q")
+    assert code == 0 and json.loads(stdout)["status"] == "skipped"
+
+    # the README's next step: `segment` with the demo's box folder gives the same labels
+    code, stdout, stderr = run_cli(
+        capsys,
+        "segment",
+        summary["input"],
+        "--boxes",
+        out / "boxes",
+        "-o",
+        tmp_path / "seg",
+        "--device",
+        "cpu",
+        "--json",
+        "-q",
+    )
+    assert code == 0, stderr
+    again = json.loads(stdout)["results"][0]
+    np.testing.assert_array_equal(_display_labels(Path(again["outputs"][0])) > 0, labels)
