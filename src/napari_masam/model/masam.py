@@ -1,0 +1,265 @@
+"""The composed MA-SAM network: encoder (3D adapters + FacT), SAM's prompt encoder, decoder.
+
+Chen et al., "MA-SAM: Modality-agnostic SAM Adaptation for 3D Medical Image Segmentation",
+Medical Image Analysis 98:103310 (2024); spec ``shared/spec/MASAM.md``. Inputs are
+``(B, D, 3, S, S)`` float in [0, 1] with no mean/std normalisation (the authors' pixel_mean 0,
+pixel_std 1); outputs are ``(B*D, C + 1, S, S)`` logits, row ``b*D + d`` = slice ``d`` of
+group ``b``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from segment_anything.modeling.prompt_encoder import PromptEncoder
+from torch import nn
+
+from .base import ModelMetadata, SegmentationModel
+from .config import MASAM_CONFIGS, MASAMConfig
+from .decoder import MASAMMaskDecoder
+from .encoder import MASAMImageEncoder
+
+#: Distinct ``#rrggbb`` colours for classes 1, 2, ... (cycled when there are more classes).
+CLASS_PALETTE: tuple[str, ...] = (
+    "#e6194b",
+    "#3cb44b",
+    "#ffe119",
+    "#4363d8",
+    "#f58231",
+    "#911eb4",
+    "#46f0f0",
+    "#f032e6",
+    "#bcf60c",
+    "#fabebe",
+    "#008080",
+    "#e6beff",
+    "#9a6324",
+    "#fffac8",
+    "#800000",
+    "#aaffc3",
+    "#808000",
+    "#ffd8b1",
+    "#000075",
+    "#808080",
+)
+
+#: Regular expressions (on our parameter names) of the parts MA-SAM fine-tunes (spec section 4):
+#: both adapters of every block (with their LayerNorms), FacT's shared U/V and per-block cores,
+#: the whole prompt encoder and the whole mask decoder. Everything else of SAM is frozen.
+TRAINABLE_PATTERNS: tuple[str, ...] = (
+    r"^image_encoder\.blocks\.\d+\.adapter_[12]\.",
+    r"^image_encoder\.fact\.[uv]\.",
+    r"^image_encoder\.blocks\.\d+\.attn\.qkv\.[qv]_FacTs\.",
+    r"^prompt_encoder\.",
+    r"^mask_decoder\.",
+)
+_TRAINABLE_RE = re.compile("|".join(TRAINABLE_PATTERNS))
+
+
+def default_metadata(config: MASAMConfig, name: str | None = None) -> ModelMetadata:
+    """Generic metadata for a model without any: ``class 1``, ``class 2``, ... and palette colours."""
+    n = config.num_classes
+    return ModelMetadata(
+        name=name or f"masam_{config.name}",
+        class_names=tuple(f"class {i}" for i in range(1, n + 1)),
+        class_colors=tuple(CLASS_PALETTE[i % len(CLASS_PALETTE)] for i in range(n)),
+    )
+
+
+class MASAM(SegmentationModel):
+    """MA-SAM: SAM's ViT with 3D adapters and FacT, SAM's prompt encoder, a x16 decoder.
+
+    Parameters
+    ----------
+    config : MASAMConfig
+        The architecture (see :data:`napari_masam.model.config.MASAM_CONFIGS`).
+    metadata : ModelMetadata or None
+        Class names, colours, intensity preset, ...; generic ones when None.
+
+    Attributes
+    ----------
+    image_encoder : MASAMImageEncoder
+    prompt_encoder : segment_anything.modeling.PromptEncoder
+    mask_decoder : MASAMMaskDecoder
+    config : MASAMConfig
+    """
+
+    kind = "masam"
+
+    def __init__(self, config: MASAMConfig, metadata: ModelMetadata | None = None) -> None:
+        super().__init__()
+        self.config = config
+        self.image_size = config.image_size
+        self.slices_per_group = config.slices_per_group
+        self.num_classes = config.num_classes
+        self.supports_automatic = True
+        self.supports_boxes = True
+        self.metadata = metadata if metadata is not None else default_metadata(config)
+        grid = config.grid_size
+        self.image_encoder = MASAMImageEncoder(config)
+        self.prompt_encoder = PromptEncoder(
+            embed_dim=config.prompt_embed_dim,
+            image_embedding_size=(grid, grid),
+            input_image_size=(config.image_size, config.image_size),
+            mask_in_chans=config.mask_in_chans,
+        )
+        self.mask_decoder = MASAMMaskDecoder(config)
+
+    # -- contract -------------------------------------------------------------------------
+    def get_config(self) -> dict[str, Any]:
+        """JSON-able architecture (:meth:`MASAMConfig.to_dict`)."""
+        return self.config.to_dict()
+
+    def set_attention_impl(self, impl: str) -> None:
+        """``"sdpa"`` (fused, default) or ``"reference"`` (segment-anything's own attention)."""
+        self.image_encoder.set_attention_impl(impl)
+
+    def _check_images(self, images: torch.Tensor) -> None:
+        s = self.image_size
+        if images.ndim != 5 or images.shape[2] != 3 or images.shape[-2:] != (s, s):
+            raise ValueError(
+                f"MA-SAM expects images of shape (B, D, 3, {s}, {s}) (groups of D slices, "
+                f"3 channels, float in [0, 1]); got {tuple(images.shape)}. Resize slices to "
+                f"{s}x{s} and copy grey slices into 3 channels."
+            )
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Prompt-free image embeddings of whole groups.
+
+        Parameters
+        ----------
+        images : Tensor
+            (B, D, 3, S, S) float in [0, 1] (no mean/std normalisation); D is normally
+            ``slices_per_group`` (the adapters mix the D slices of each group).
+
+        Returns
+        -------
+        Tensor
+            (B*D, E, g, g) float, E = ``config.prompt_embed_dim``, g = S // 16; row ``b*D + d``
+            is slice ``d`` of group ``b``.
+        """
+        self._check_images(images)
+        b, d = images.shape[:2]
+        return self.image_encoder(images.reshape(b * d, *images.shape[2:]), d)
+
+    def decode_with_iou(
+        self, embeddings: torch.Tensor, boxes_xyxy: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mask logits and the iou head's predictions (the authors' ``iou_predictions``).
+
+        Parameters
+        ----------
+        embeddings : Tensor
+            (N, E, g, g) from :meth:`encode`.
+        boxes_xyxy : Tensor or None
+            (N, 4) float boxes, XYXY pixels of the model input (x = column), one per row; None
+            for automatic mode.
+
+        Returns
+        -------
+        masks : Tensor
+            (N, C + 1, S, S) logits (channel 0 background).
+        iou : Tensor
+            (N, C + 1).
+        """
+        if embeddings.ndim != 4:
+            raise ValueError(f"embeddings must be (N, E, g, g); got {tuple(embeddings.shape)}.")
+        if boxes_xyxy is not None:
+            if boxes_xyxy.shape != (embeddings.shape[0], 4):
+                raise ValueError(
+                    f"boxes_xyxy must be (N, 4) with N = {embeddings.shape[0]} embedding rows "
+                    f"(one XYXY box per slice); got {tuple(boxes_xyxy.shape)}."
+                )
+            boxes_xyxy = boxes_xyxy.to(device=embeddings.device, dtype=torch.float32)
+        sparse, dense = self.prompt_encoder(points=None, boxes=boxes_xyxy, masks=None)
+        image_pe = self.prompt_encoder.get_dense_pe()
+        return self.mask_decoder(embeddings, image_pe, sparse, dense)
+
+    def decode(
+        self, embeddings: torch.Tensor, boxes_xyxy: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Mask logits (N, C + 1, S, S) from embeddings (N, E, g, g) and optional boxes (N, 4).
+
+        See :meth:`decode_with_iou`. In automatic mode all rows share the same prompt tokens;
+        with boxes, row i is decoded with box i (SAM's box embedding: corners + 0.5, divided by
+        the input size).
+        """
+        return self.decode_with_iou(embeddings, boxes_xyxy)[0]
+
+    def forward(self, images: torch.Tensor, boxes_xyxy: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B*D, C + 1, S, S) of images (B, D, 3, S, S) and optional boxes (B, D, 4).
+
+        Boxes are XYXY pixels of the model input, one per slice.
+        """
+        if boxes_xyxy is not None and boxes_xyxy.shape != (*images.shape[:2], 4):
+            raise ValueError(
+                f"boxes_xyxy must be (B, D, 4) = {(*images.shape[:2], 4)}, one box per slice; "
+                f"got {tuple(boxes_xyxy.shape)}."
+            )
+        return super().forward(images, boxes_xyxy)
+
+
+def trainable_parameter_names(model: nn.Module) -> list[str]:
+    """Names of the parameters MA-SAM fine-tunes (spec section 4), in state-dict order."""
+    return [name for name, _ in model.named_parameters() if _TRAINABLE_RE.match(name)]
+
+
+def set_trainable(model: nn.Module, names: Iterable[str] | None = None) -> int:
+    """Freeze everything except the MA-SAM trainable parts (or exactly ``names``).
+
+    Returns
+    -------
+    int
+        Number of trainable scalars.
+    """
+    chosen = set(trainable_parameter_names(model) if names is None else names)
+    total = 0
+    for name, param in model.named_parameters():
+        param.requires_grad_(name in chosen)
+        if name in chosen:
+            total += param.numel()
+    return total
+
+
+def build_masam(
+    config: MASAMConfig | str = "vit_b",
+    *,
+    num_classes: int | None = None,
+    metadata: ModelMetadata | None = None,
+    device: str | torch.device = "cpu",
+    **changes: Any,
+) -> MASAM:
+    """A fresh MA-SAM (random init, SAM parts frozen per spec section 4), in eval mode.
+
+    Parameters
+    ----------
+    config : MASAMConfig or str
+        A config or a key of :data:`MASAM_CONFIGS`.
+    num_classes : int or None
+        Overrides ``config.num_classes``.
+    metadata : ModelMetadata or None
+        Generic names and colours when None.
+    device : str or torch.device
+        Where to put the model (``"auto"`` allowed).
+    **changes
+        Other config fields to override (``image_size=...``).
+    """
+    from ..devices import resolve_device
+
+    if isinstance(config, str):
+        try:
+            config = MASAM_CONFIGS[config]
+        except KeyError:
+            raise ValueError(
+                f"Unknown MA-SAM config {config!r}; known: {', '.join(MASAM_CONFIGS)}."
+            ) from None
+    if num_classes is not None:
+        changes["num_classes"] = num_classes
+    if changes:
+        config = config.replace(**changes)
+    model = MASAM(config, metadata=metadata)
+    set_trainable(model)
+    return model.to(resolve_device(device)).eval()
