@@ -58,6 +58,9 @@ _CORE = (
     "napari_masam.session",
     "napari_masam.io",
     "napari_masam.cli",
+    "napari_masam.batch",
+    "napari_masam.training",
+    "napari_masam.training.loop",
 )
 
 

@@ -1163,15 +1163,9 @@ def _read_stack(item: BatchInput) -> tuple[Any, Any, dict[str, Any]]:
             "file_orientation": getattr(volume, "orientation", None),
         }
         return stack, volume.metadata, facts
-    try:
-        from .io.tiff import read_tiff_stack
-    except ImportError:  # the reader module is optional: plain tifffile gives the same pixels
-        import tifffile
+    from .io.tiff import read_tiff_stack
 
-        stack = tifffile.imread(item.path)
-    else:
-        stack = read_tiff_stack(item.path)
-    stack = np.asarray(getattr(stack, "data", stack))
+    stack = np.asarray(read_tiff_stack(item.path).data)
     if stack.ndim not in (3, 4):
         raise ValueError(
             f"{item.path.name}: expected a (Z, Y, X) or (T, Y, X, 3) stack, got shape {stack.shape}"

@@ -1,0 +1,72 @@
+"""Fine-tuning MA-SAM and MA-SAM-Lite on a user's own annotations (spec section 8 recipe).
+
+Light to import: the config, data and CLI parts need no torch; the loop (``iter_train`` and
+friends, in :mod:`napari_masam.training.loop`) is imported on first attribute access.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from .cli import add_train_parser, run_train
+from .config import BACKBONES, TrainingConfig
+from .data import (
+    TrainingCase,
+    check_cases,
+    dice_per_class,
+    find_nifti_pairs,
+    group_slice_indices,
+    load_folder_cases,
+    load_nifti_case,
+    load_video_case,
+    select_groups,
+    slab_cases,
+    split_cases,
+)
+
+_LAZY = (
+    "iter_train",
+    "train",
+    "TrainProgress",
+    "TrainingResult",
+    "masam_loss",
+    "lr_factor",
+    "warmup_steps_for",
+    "augment_group",
+    "boxes_from_labels",
+    "trainable_parameter_names",
+    "apply_trainable",
+    "build_training_model",
+    "evaluate_cases",
+    "BEST_NAME",
+    "LAST_NAME",
+    "AUTHORS_NAME",
+    "STATE_NAME",
+    "HISTORY_NAME",
+)
+
+__all__ = [
+    "BACKBONES",
+    "TrainingCase",
+    "TrainingConfig",
+    "add_train_parser",
+    "check_cases",
+    "dice_per_class",
+    "find_nifti_pairs",
+    "group_slice_indices",
+    "load_folder_cases",
+    "load_nifti_case",
+    "load_video_case",
+    "run_train",
+    "select_groups",
+    "slab_cases",
+    "split_cases",
+    *_LAZY,
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(".loop", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,84 @@
+"""The Fine-tune dock widget in a real viewer: trains from layers, plots, hands the model over."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.gui
+
+RUN_TIMEOUT_MS = 180_000
+
+
+def _phantom(depth: int = 20, size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(0)
+    _z, y, x = np.mgrid[:depth, :size, :size].astype(np.float32)
+    labels = np.zeros((depth, size, size), np.uint8)
+    labels[(y - 22) ** 2 + (x - 22) ** 2 < 14**2] = 1
+    labels[(np.abs(y - 46) < 10) & (np.abs(x - 44) < 12)] = 2
+    image = np.where(labels == 1, 200.0, np.where(labels == 2, 100.0, 20.0))
+    return (image + rng.normal(0, 10, labels.shape)).astype(np.float32), labels
+
+
+def test_module_import_does_not_import_torch() -> None:
+    code = "import sys, napari_masam._train_widget; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+@pytest.fixture
+def two_widgets(make_napari_viewer):
+    from napari_masam._train_widget import TrainWidget
+    from napari_masam._widget import MASAMWidget
+
+    viewer = make_napari_viewer(show=True)
+    segment = MASAMWidget(viewer)
+    viewer.window.add_dock_widget(segment, name="Segment")
+    trainer = TrainWidget(viewer)
+    viewer.window.add_dock_widget(trainer, name="Fine-tune")
+    return viewer, segment, trainer
+
+
+def test_trains_from_layers_plots_and_offers_the_model(qtbot, two_widgets, tmp_path) -> None:
+    from napari_masam._widget import CHECKPOINT_CHOICE
+    from napari_masam.checkpoints import load_checkpoint
+
+    viewer, segment, trainer = two_widgets
+    image, labels = _phantom()
+    image_layer = viewer.add_image(image, name="ct")
+    labels_layer = viewer.add_labels(labels, name="ct labels")
+    trainer._image.value = image_layer
+    trainer._labels.value = labels_layer
+    trainer._backbone.value = "tiny"
+    trainer._classes.value = "disk, box"
+    trainer._epochs.value = 1
+    trainer._output.value = tmp_path / "run"
+    paths = []
+    trainer.trained.connect(paths.append)
+    worker = trainer.run()
+    assert worker is not None
+    with qtbot.waitSignal(worker.finished, timeout=RUN_TIMEOUT_MS):
+        pass
+    result = trainer.result
+    assert result is not None and result.best_path == tmp_path / "run" / "best.safetensors"
+    assert paths == [result.best_path]
+    # 20 slices -> slabs of 10: one training slab (10 groups, batch 2 -> 5 steps), one held out
+    assert len(trainer.plot.losses) == 5 and len(trainer.plot.dice) == 1
+    assert trainer.plot.losses == pytest.approx(result.step_losses)
+    assert segment._model.value == CHECKPOINT_CHOICE
+    assert str(segment._checkpoint.value) == str(result.best_path)
+    assert load_checkpoint(result.best_path).metadata.class_names == ("disk", "box")
+    assert trainer._train_btn.enabled and not trainer._cancel_btn.enabled
+
+
+def test_bad_labels_are_reported_before_any_worker(two_widgets) -> None:
+    viewer, _, trainer = two_widgets
+    image, labels = _phantom()
+    trainer._image.value = viewer.add_image(image, name="ct")
+    trainer._labels.value = viewer.add_labels(labels[:, :, :60], name="wrong grid")
+    assert trainer.run() is None
+    assert trainer.worker is None
+    assert "do not match" in trainer._status.value
