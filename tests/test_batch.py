@@ -124,7 +124,10 @@ def decode_all(path: Path) -> np.ndarray:
 
 
 def read_png_folder(folder: Path) -> np.ndarray:
-    files = sorted(folder.glob("frame_*.png"))
+    """The PNG folder through PIL (independent of io.export), frames in numeric order, checking
+    the EndoVis names ``frame000.png``, ``frame001.png``, ..."""
+    files = sorted(folder.glob("frame*.png"))
+    assert [f.name for f in files] == [f"frame{t:03d}.png" for t in range(len(files))]
     return np.stack([np.asarray(Image.open(f)) for f in files])
 
 
@@ -223,8 +226,8 @@ def test_atomic_path_replaces_folders(tmp_path: Path) -> None:
     final.mkdir()
     (final / "stale.png").write_bytes(b"x")
     with batch.atomic_path(final, directory=True) as tmp:
-        (tmp / "frame_000000.png").write_bytes(b"y")
-    assert sorted(p.name for p in final.iterdir()) == ["frame_000000.png"]
+        (tmp / "frame000.png").write_bytes(b"y")
+    assert sorted(p.name for p in final.iterdir()) == ["frame000.png"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["frames"]
 
 

@@ -17,7 +17,6 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from napari_masam import batch, cli
 
@@ -127,11 +126,13 @@ def test_segment_folder_end_to_end(
     tiny_checkpoint: Path,
     engine,
 ) -> None:
+    from napari_masam.io.export import read_png_masks
     from napari_masam.io.nifti import read_nifti
     from napari_masam.io.video import VideoReader
 
     out = tmp_path / "out"
     args = ["segment", input_folder, "-o", out, "--checkpoint", tiny_checkpoint, "--device", "cpu"]
+    args += ["--format", "png"]  # videos -> PNG folders; NIfTI inputs still give NIfTI
     code, stdout, stderr = run_cli(capsys, *args, "--json", "--chunk-frames", "4")
     summary = json.loads(stdout)
     assert code == 1  # the corrupt file fails the batch ...
@@ -165,12 +166,16 @@ def test_segment_folder_end_to_end(
     display = _display_labels(out / "a_ras_seg.nii.gz")
     np.testing.assert_array_equal(file_labels, display[:, ::-1, ::-1].transpose(2, 1, 0))
 
-    # the video, streamed in chunks of 4 (+4 overlap), equals the engine on the whole clip
+    # the video, streamed in chunks of 4 (+4 overlap), equals the engine on the whole clip, and
+    # the library's own PNG reader reads the CLI's EndoVis folder (frame000.png, ...)
     frames = np.asarray(VideoReader(input_folder / "c_clip.mp4")[:])
     expected = _engine_labels(engine, frames)
-    pngs = sorted((out / "c_clip_seg").glob("frame_*.png"))
-    got = np.stack([np.asarray(Image.open(p)) for p in pngs])
+    names = sorted(p.name for p in (out / "c_clip_seg").iterdir())
+    assert names == [f"frame{t:03d}.png" for t in range(len(frames))]
+    got = read_png_masks(out / "c_clip_seg")
+    assert got.shape == expected.shape and got.dtype == np.uint8
     np.testing.assert_array_equal(got, expected)
+    assert len(np.unique(expected)) > 1
 
     # provenance sidecar
     side = json.loads((out / "a_ras_seg.json").read_text())
@@ -263,20 +268,33 @@ def test_train_subcommand_is_wired(capsys: pytest.CaptureFixture[str]) -> None:
     assert "train" in capsys.readouterr().out
 
 
-def test_demo_boxes_find_the_phantom_organs(tmp_path: Path) -> None:
+def test_demo_phantom_is_the_sample_data_ct_and_boxes_hold_its_organs(tmp_path: Path) -> None:
     from napari_masam.io.nifti import read_nifti
+    from napari_masam.io.sample_data import make_ct_phantom
 
+    phantom = make_ct_phantom(cli.PHANTOM_SHAPE_ZYX, cli.PHANTOM_SPACING_ZYX)
     path = cli.write_phantom(tmp_path / "phantom.nii.gz")
-    volume = np.asarray(read_nifti(path).data)
-    boxes = cli.derive_demo_boxes(volume)
+    volume = read_nifti(path)
+    np.testing.assert_array_equal(np.asarray(volume.data), phantom.image_hu)
+    np.testing.assert_allclose(volume.spacing_zyx, cli.PHANTOM_SPACING_ZYX)
+
+    boxes = cli.keyframe_boxes(phantom.labels, cli.PHANTOM_DEMO_OBJECTS)
     assert sorted(boxes) == [1, 2]
-    threshold = 300  # body is ~100, the organs 450 and 600 (see write_phantom)
-    for frames in boxes.values():
+    for obj, organ in zip((1, 2), cli.PHANTOM_DEMO_OBJECTS):
+        assert len(boxes[obj]) == 3
+        for z, (x0, y0, x1, y1) in boxes[obj].items():
+            rows, cols = np.nonzero(phantom.labels[z] == organ)
+            # the organ's cross-section padded by 3 pixels (clipped at the image edge)
+            h, w = phantom.labels.shape[1:]
+            assert (x0, y0) == (max(cols.min() - 3, 0), max(rows.min() - 3, 0))
+            assert (x1, y1) == (min(cols.max() + 3, w - 1), min(rows.max() + 3, h - 1))
+
+    # the generic Otsu boxes (any other volume) land on the brightest structure: the vertebra
+    bright = cli.derive_demo_boxes(np.asarray(volume.data))
+    for frames in bright.values():
         for z, (x0, y0, x1, y1) in frames.items():
-            inside = volume[z, int(y0) : int(y1) + 1, int(x0) : int(x1) + 1] > threshold
-            # the box holds one organ's cross-section, with at most a 3-pixel margin
+            inside = phantom.labels[z, int(y0) : int(y1) + 1, int(x0) : int(x1) + 1] == 6
             assert inside.sum() > 20
-            assert inside[3:-3, 3:-3].sum() >= 0.9 * inside.sum()
 
 
 def _brain_mask_on_sample_grid(ch2bet: Path, sample: Path) -> nib.Nifti1Image:
@@ -318,8 +336,10 @@ def test_demo_end_to_end(
         assert inside > 0.9, inside  # LiteMedSAM stays within the brain ...
         assert dice > 0.5, dice  # ... and covers most of it (zero-shot, on a T1 MRI)
     else:  # no sample bundled: the phantom's organs
-        volume = np.asarray(read_nifti(summary["input"]).data)
-        organs = volume > 300
+        from napari_masam.io.sample_data import make_ct_phantom
+
+        phantom = make_ct_phantom(cli.PHANTOM_SHAPE_ZYX, cli.PHANTOM_SPACING_ZYX)
+        organs = np.isin(phantom.labels, cli.PHANTOM_DEMO_OBJECTS)
         dice = 2 * (organs & labels).sum() / (organs[labels.any(axis=(1, 2))].sum() + labels.sum())
         assert dice > 0.7, dice
     code, stdout, _ = run_cli(capsys, "demo", "-o", out, "--device", "cpu", "--json", "-q")

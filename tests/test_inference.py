@@ -407,3 +407,37 @@ def test_automatic_on_a_resized_grid(mode) -> None:
     expected = probabilities_to_grid(mean, info).argmax(dim=1).numpy()
     assert (result.labels == expected).mean() > 0.99
     assert len(np.unique(expected)) > 1
+
+
+class _CountingStack:
+    """A (Z, Y, X) stack that records which slices were read (a video decodes on access)."""
+
+    def __init__(self, data: np.ndarray) -> None:
+        self.data = data
+        self.shape, self.dtype, self.ndim = data.shape, data.dtype, data.ndim
+        self.read: set[int] = set()
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, index):
+        z = index[0] if isinstance(index, tuple) else index
+        if not isinstance(z, (int, np.integer)):
+            raise TypeError("test stack: read one slice at a time")
+        self.read.add(int(z))
+        return self.data[index]
+
+    def __array__(self, dtype=None, copy=None):
+        raise AssertionError("the whole stack was read")
+
+
+def test_box_run_with_minmax_reads_only_the_windows_it_needs(model) -> None:
+    vol = ct_volume(30, seed=4)
+    stack = _CountingStack(vol)
+    boxes = {1: {10: (5, 5, 30, 30)}}
+    result = run(iter_segment_boxes(model, stack, boxes, preset="minmax"))
+    # the group around slice 10 only: no volume pass over all 30 slices
+    assert stack.read == set(range(8, 13))
+    # and the same labels as with the whole volume in memory
+    expected = run(iter_segment_boxes(model, vol, boxes, preset="minmax")).labels
+    np.testing.assert_array_equal(result.labels, expected)

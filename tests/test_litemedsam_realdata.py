@@ -100,10 +100,9 @@ def _local_pipeline(
 def _engine_pipeline(
     model, image: np.ndarray, boxes: dict[int, np.ndarray]
 ) -> dict[int, np.ndarray]:
-    """napari_masam.inference.iter_segment_boxes, once the engine provides it."""
-    inference = pytest.importorskip("napari_masam.inference")
-    if not hasattr(inference, "iter_segment_boxes"):
-        pytest.skip("napari_masam.inference.iter_segment_boxes is not available yet")
+    """napari_masam.inference.iter_segment_boxes (a broken engine fails, never skips)."""
+    from napari_masam import inference
+
     zs = sorted(boxes)
     sub = image[zs]
     gen = inference.iter_segment_boxes(model, sub, {1: {i: boxes[z] for i, z in enumerate(zs)}})

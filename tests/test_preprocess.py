@@ -199,3 +199,24 @@ def test_orientation_errors_and_video() -> None:
         orientation_transform("SPX", "SPL")
     with pytest.raises(ValueError, match="twice"):
         orientation_transform("SIL", "SPL")
+
+
+def test_minmax_volume_step_is_redundant_before_the_group_step() -> None:
+    from napari_masam.preprocess import (
+        INTENSITY_PRESETS,
+        needs_volume_window,
+        normalize_group,
+        normalize_slice,
+        volume_window,
+    )
+
+    preset = INTENSITY_PRESETS["minmax"]
+    assert preset.group_minmax and not needs_volume_window(preset)
+    assert needs_volume_window(INTENSITY_PRESETS["mri"])
+    rng = np.random.default_rng(3)
+    stack = rng.integers(-1000, 3000, size=(5, 17, 23)).astype(np.int16)
+    window = volume_window(stack, preset)
+    with_window = normalize_group(np.stack([normalize_slice(s, preset, window) for s in stack]), preset)
+    without = normalize_group(np.stack([normalize_slice(s, preset, None) for s in stack]), preset)
+    np.testing.assert_allclose(without, with_window, atol=1e-6)
+    assert without.min() == 0.0 and without.max() == 1.0

@@ -44,6 +44,21 @@ def test_clip_box_edges() -> None:
     assert clip_box((59, 49, 59, 49), (50, 60)) == (59, 49, 59, 49)
 
 
+@pytest.mark.parametrize("v", [0.5, 1.5, 2.5, 3.5, 10.5, -0.5, 2.4999, 2.5001])
+def test_half_coordinates_round_up_in_clip_and_keyframes(v: float) -> None:
+    """.5 rounds up everywhere (Python's round would give 2 for 2.5 and 4 for 3.5)."""
+    expected = int(np.floor(v + 0.5))
+    box = (v, v + 1, v + 2, v + 3)
+    want = tuple(expected + k for k in range(4))
+    assert clip_box(box, (100, 100)) == tuple(max(w, 0) for w in want)
+    # a keyframe alone, and a keyframe repeated over a range: the same rounding
+    assert interpolate_keyframes({4: box})[4] == want
+    assert interpolate_keyframes({4: box}, slice_range=(4, 6))[6] == want
+    # the midpoint of two keyframes lands on .5 exactly and also rounds up
+    mid = interpolate_keyframes({0: (v - 0.5,) * 4, 2: (v + 0.5,) * 4})[1]
+    assert mid == (expected,) * 4
+
+
 def test_interpolate_keyframes_linear() -> None:
     key = {2: (10, 20, 30, 40), 6: (14, 20, 38, 48)}
     out = interpolate_keyframes(key)

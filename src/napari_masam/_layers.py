@@ -21,13 +21,14 @@ import numpy as np
 
 if TYPE_CHECKING:
     import napari
-    from napari.layers import Image, Labels, Shapes
+    from napari.layers import Image, Labels, Layer, Shapes
 
 logger = logging.getLogger(__name__)
 
 #: Commit policies for writing a result into an existing Labels layer (widget choices).
 COMMIT_POLICIES: dict[str, str] = {
-    "keep": "keep existing labels",
+    # re-running object/class k replaces the old k voxels; every other label is kept
+    "keep": "replace these labels, keep others",
     "overwrite": "overwrite",
     "empty": "only empty voxels",
 }
@@ -39,21 +40,9 @@ PROMPTS_LAYER_NAME = "prompts"
 #: Feature column of the prompts layer: the object id of each rectangle.
 OBJECT_FEATURE = "object_id"
 
-#: Colours for object ids in box mode and for classes without a colour in the checkpoint.
-OBJECT_PALETTE: tuple[str, ...] = (
-    "#e6194b",
-    "#3cb44b",
-    "#4363d8",
-    "#f58231",
-    "#911eb4",
-    "#46f0f0",
-    "#f032e6",
-    "#bcf60c",
-    "#fabebe",
-    "#008080",
-    "#e6beff",
-    "#9a6324",
-)
+#: Colours for object ids in box mode and for classes without a colour in the checkpoint: the
+#: package palette, so object ``k``'s rectangle has the colour of label ``k``.
+from .palette import PALETTE as OBJECT_PALETTE  # noqa: E402
 
 
 def object_color(obj_id: int) -> str:
@@ -260,6 +249,18 @@ def new_labels_layer(
     """Add an all-zero Labels layer that overlays the image described by ``like``."""
     data = np.zeros(like.labels_shape, dtype=dtype)
     return viewer.add_labels(data, name=name, scale=like.scale, translate=like.translate)
+
+
+#: layer.metadata keys that describe the source file's geometry (the writers' input)
+GEOMETRY_KEYS = ("nifti",)
+
+
+def copy_geometry(source: Layer, target: Layer) -> None:
+    """Give ``target`` the source file's geometry record of ``source`` (e.g. the NIfTI header),
+    so that saving ``target`` writes it on the original grid, orientation and header."""
+    for key in GEOMETRY_KEYS:
+        if key in source.metadata:
+            target.metadata[key] = source.metadata[key]
 
 
 def write_slice(

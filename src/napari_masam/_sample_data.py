@@ -31,7 +31,7 @@ def make_sample_phantom() -> list[LayerData]:
 
     from .io.nifti import RAS_TO_DISPLAY, volume_from_image
     from .io.sample_data import make_ct_phantom
-    from .io.video import label_colors
+    from .palette import label_rgb_table
 
     ph = make_ct_phantom()
     # the geometry of a RAS file with this display, so that saving the layers writes that file
@@ -50,7 +50,7 @@ def make_sample_phantom() -> list[LayerData]:
 
     image_vol = volume_from_image(ras_image(ph.image_hu), as_labels=False)
     label_vol = volume_from_image(ras_image(ph.labels), as_labels=True)
-    colors = label_colors(len(ph.class_names) - 1)
+    colors = label_rgb_table(len(ph.class_names) - 1)
     class_colors = {i: (*(int(c) for c in colors[i]), 255) for i in range(1, len(ph.class_names))}
     image_kwargs = {
         "name": "ct_phantom",

@@ -25,15 +25,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import json
 import logging
 import os
 import platform
-import shutil
 import threading
 import time
-import uuid
 from collections import deque
 from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -42,6 +39,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from .io._common import atomic_path, commit_path, discard_path, temp_sibling
+from .weights import file_sha256
 
 if TYPE_CHECKING:
     from .session import SegmentationSession
@@ -60,8 +60,6 @@ MODE_CHOICES = ("auto", "boxes")
 
 #: Version of the sidecar layout; a change invalidates resume matches on purpose.
 PROVENANCE_VERSION = 1
-
-_HASH_BLOCK = 1 << 20
 
 
 # ----------------------------------------------------------------------------------------------
@@ -343,17 +341,8 @@ class BatchConfig:
 
 
 # ----------------------------------------------------------------------------------------------
-# small utilities: hashing, versions, atomic writes
+# small utilities: versions, JSON
 # ----------------------------------------------------------------------------------------------
-def file_sha256(path: str | os.PathLike[str]) -> str:
-    """Hex sha256 of a file, read in 1 MiB blocks (memory does not grow with the file)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(_HASH_BLOCK), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def software_versions() -> dict[str, str | None]:
     """Versions of the software that shapes an output (for the provenance sidecar)."""
     versions: dict[str, str | None] = {"python": platform.python_version()}
@@ -374,49 +363,6 @@ def software_versions() -> dict[str, str | None]:
         except importlib_metadata.PackageNotFoundError:
             versions[dist] = None
     return versions
-
-
-def _temp_sibling(path: Path, *, suffix: str | None = None) -> Path:
-    """A hidden unique name in ``path``'s folder that keeps ``path``'s file-type suffix."""
-    if suffix is None:
-        lower = path.name.lower()
-        suffix = ".nii.gz" if lower.endswith(".nii.gz") else path.suffix
-    return path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp{suffix}")
-
-
-def _replace(tmp: Path, final: Path) -> None:
-    """Move ``tmp`` over ``final`` atomically (folders: old one moved aside first)."""
-    if tmp.is_dir():
-        old = None
-        if final.exists():
-            old = _temp_sibling(final, suffix=".old")
-            os.replace(final, old)
-        os.replace(tmp, final)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
-
-
-@contextlib.contextmanager
-def atomic_path(final: Path, *, directory: bool = False) -> Iterator[Path]:
-    """Yield a temporary path beside ``final``; on success rename it to ``final``.
-
-    On an exception (or interruption) the temporary file/folder is removed and ``final`` is left
-    untouched, so a crash never leaves a half-written output under the real name.
-    """
-    tmp = _temp_sibling(final, suffix="" if directory else None)
-    if directory:
-        tmp.mkdir(parents=True)
-    try:
-        yield tmp
-    except BaseException:
-        if tmp.is_dir():
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            tmp.unlink(missing_ok=True)
-        raise
-    _replace(tmp, final)
 
 
 def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
@@ -794,22 +740,17 @@ def iter_overlapping_chunks(
 # ----------------------------------------------------------------------------------------------
 # incremental writers for frame stacks
 # ----------------------------------------------------------------------------------------------
-def _hex_to_rgb(color: str) -> tuple[int, int, int]:
-    color = color.lstrip("#")
-    return int(color[0:2], 16), int(color[2:4], 16), int(color[4:6], 16)
-
-
 def label_palette(class_colors: Sequence[str], n_labels: int) -> np.ndarray:
     """(n_labels + 1, 3) uint8 colours: row 0 black, row i the colour of label i.
 
-    Labels beyond the model's class colours (boxes mode: one per object id) get the distinct
-    colours of :func:`napari_masam.io.video.label_colors`.
+    Labels beyond the model's class colours (boxes mode: one per object id) get the package
+    palette's colours (:func:`napari_masam.palette.label_rgb_table`).
     """
-    from .io.video import label_colors
+    from .palette import hex_to_rgb, label_rgb_table
 
-    palette = label_colors(n_labels)
+    palette = label_rgb_table(n_labels)
     for i, color in enumerate(class_colors[:n_labels], start=1):
-        palette[i] = _hex_to_rgb(color)
+        palette[i] = hex_to_rgb(color)
     return palette
 
 
@@ -831,87 +772,67 @@ def to_rgb_uint8(
 
 
 class FrameSink:
-    """Writes label frames incrementally into a temporary path; ``commit`` renames it in place.
+    """Writes label frames incrementally into a temporary output; ``commit`` moves it in place.
 
-    Subclasses implement :meth:`_open`, :meth:`write` and :meth:`_close`.
+    Subclasses implement :meth:`write`, :meth:`commit` and :meth:`abort`.
     """
 
     #: whether :meth:`write` needs the image frames (overlays)
     needs_frames = False
-    directory = False
 
     def __init__(self, final: Path) -> None:
         self.final = final
-        self.tmp = _temp_sibling(final, suffix="" if self.directory else None)
         self.count = 0
-        self._open()
-
-    def _open(self) -> None:
-        raise NotImplementedError
 
     def write(self, labels: np.ndarray, frames: np.ndarray | None = None) -> None:
         """Append ``labels`` (n, H, W) (and their image ``frames`` (n, H, W[, 3]))."""
         raise NotImplementedError
 
-    def _close(self) -> None:
-        raise NotImplementedError
-
     def commit(self) -> None:
-        """Finish the file and move it to its final name atomically."""
-        self._close()
-        _replace(self.tmp, self.final)
+        """Finish the output and move it to its final name atomically."""
+        raise NotImplementedError
 
     def abort(self) -> None:
         """Close and delete the temporary output (the final name is untouched)."""
-        with contextlib.suppress(Exception):
-            self._close()
-        if self.tmp.is_dir():
-            shutil.rmtree(self.tmp, ignore_errors=True)
-        else:
-            self.tmp.unlink(missing_ok=True)
+        raise NotImplementedError
 
 
-class PngFolderSink(FrameSink):
-    """``frame_000000.png`` ... with the label values (8-bit, or 16-bit for > 255 labels)."""
+class _ExportSink(FrameSink):
+    """A sink around one of :mod:`napari_masam.io.export`'s streaming label writers."""
 
-    directory = True
-
-    def _open(self) -> None:
-        self.tmp.mkdir(parents=True)
+    def __init__(self, final: Path, writer: Any) -> None:
+        super().__init__(final)
+        self._writer = writer
 
     def write(self, labels: np.ndarray, frames: np.ndarray | None = None) -> None:
-        from PIL import Image
+        self._writer.write(labels)
+        self.count = self._writer.count
 
-        for plane in np.asarray(labels):
-            if plane.dtype == np.uint8:
-                image = Image.fromarray(plane, mode="L")
-            else:
-                image = Image.fromarray(plane.astype(np.uint16))
-            image.save(self.tmp / f"frame_{self.count:06d}.png", optimize=False)
-            self.count += 1
+    def commit(self) -> None:
+        self._writer.close()
 
-    def _close(self) -> None:
-        pass
+    def abort(self) -> None:
+        self._writer.abort()
 
 
-class TiffSink(FrameSink):
-    """One multi-page (BigTIFF) stack, a page per frame, written as frames arrive."""
+class PngFolderSink(_ExportSink):
+    """EndoVis PNG folder (``frame000.png``, ...) via :class:`napari_masam.io.export.PngMaskWriter`;
+    :func:`napari_masam.io.export.read_png_masks` reads it back."""
 
-    def _open(self) -> None:
-        import tifffile
+    def __init__(self, final: Path, max_label: int, n_frames: int | None = None) -> None:
+        from .io.export import PngMaskWriter
 
-        self._writer = tifffile.TiffWriter(self.tmp, bigtiff=True)
+        super().__init__(final, PngMaskWriter(final, max_label=max_label, n_frames=n_frames))
 
-    def write(self, labels: np.ndarray, frames: np.ndarray | None = None) -> None:
-        for plane in np.asarray(labels):
-            self._writer.write(plane, contiguous=True, photometric="minisblack")
-            self.count += 1
 
-    def _close(self) -> None:
-        writer = getattr(self, "_writer", None)
-        if writer is not None:
-            writer.close()
-            self._writer = None
+class TiffSink(_ExportSink):
+    """One multi-page BigTIFF, a page per frame, via
+    :class:`napari_masam.io.export.LabelsTiffWriter`."""
+
+    def __init__(self, final: Path, max_label: int, axes: str = "TYX") -> None:
+        from .io.export import LabelsTiffWriter
+
+        super().__init__(final, LabelsTiffWriter(final, max_label=max_label, axes=axes))
 
 
 class OverlayMp4Sink(FrameSink):
@@ -921,16 +842,18 @@ class OverlayMp4Sink(FrameSink):
     needs_frames = True
 
     def __init__(self, final: Path, fps: float, palette: np.ndarray, alpha: float = 0.5) -> None:
+        from .io.video import VideoWriter
+
+        super().__init__(final)
         self.fps = fps
         self.palette = palette
         self.alpha = alpha
-        self._writer: Any = None
-        super().__init__(final)
-
-    def _open(self) -> None:
-        from .io.video import VideoWriter
-
-        self._writer = VideoWriter(self.tmp, self.fps)
+        self.tmp = temp_sibling(final)
+        try:
+            self._writer: Any = VideoWriter(self.tmp, self.fps)
+        except BaseException:
+            discard_path(self.tmp)
+            raise
 
     def write(self, labels: np.ndarray, frames: np.ndarray | None = None) -> None:
         from .io.video import blend_labels
@@ -944,8 +867,21 @@ class OverlayMp4Sink(FrameSink):
 
     def _close(self) -> None:
         if self._writer is not None:
-            self._writer.close()
-            self._writer = None
+            writer, self._writer = self._writer, None
+            writer.close()
+
+    def commit(self) -> None:
+        try:
+            self._close()
+            commit_path(self.tmp, self.final)
+        except BaseException:
+            discard_path(self.tmp)
+            raise
+
+    def abort(self) -> None:
+        with contextlib.suppress(Exception):
+            self._close()
+        discard_path(self.tmp)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1173,11 +1109,20 @@ def _read_stack(item: BatchInput) -> tuple[Any, Any, dict[str, Any]]:
     return stack, None, {"shape": list(stack.shape), "dtype": str(stack.dtype)}
 
 
-def _frame_sink(fmt: str, output: Path, fps: float, model: Any, n_labels: int) -> FrameSink:
+def _frame_sink(
+    fmt: str,
+    output: Path,
+    fps: float,
+    model: Any,
+    n_labels: int,
+    *,
+    n_frames: int | None = None,
+    axes: str = "TYX",
+) -> FrameSink:
     if fmt == "png":
-        return PngFolderSink(output)
+        return PngFolderSink(output, n_labels, n_frames)
     if fmt == "tiff":
-        return TiffSink(output)
+        return TiffSink(output, n_labels, axes)
     meta = getattr(model, "metadata", None)
     palette = label_palette(tuple(getattr(meta, "class_colors", ()) or ()), n_labels)
     return OverlayMp4Sink(output, fps, palette)
@@ -1234,10 +1179,17 @@ def _run_in_memory(
     if fmt == "nifti":
         from .io.nifti import write_nifti
 
-        with atomic_path(output) as tmp:
-            write_nifti(tmp, labels, reference)
+        write_nifti(output, labels, reference)  # atomic itself
     else:
-        sink = _frame_sink(fmt, output, 25.0, model, _n_labels(model, mode, boxes))
+        sink = _frame_sink(
+            fmt,
+            output,
+            25.0,
+            model,
+            _n_labels(model, mode, boxes),
+            n_frames=n,
+            axes="ZYX" if stack.ndim == 3 else "TYX",  # (Z, Y, X) grey or (T, Y, X, 3) RGB
+        )
         try:
             rgb = to_rgb_uint8(stack) if sink.needs_frames else None
             sink.write(labels, rgb)
@@ -1276,7 +1228,7 @@ def _run_video(
         chunk = -(-chunk // config.stride) * config.stride
 
     fmt = output_format_for(item, config)
-    sink = _frame_sink(fmt, output, fps, model, _n_labels(model, mode, boxes))
+    sink = _frame_sink(fmt, output, fps, model, _n_labels(model, mode, boxes), n_frames=estimated)
     done = 0
     shape: tuple[int, ...] | None = None
     segment_s = 0.0

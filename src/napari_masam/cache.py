@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
-import tempfile
 import threading
 import weakref
 from collections import OrderedDict
@@ -26,6 +24,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from .io._common import atomic_path
 
 if TYPE_CHECKING:
     import torch
@@ -240,19 +240,12 @@ class EmbeddingCache:
         path = self._path(key)
         assert path is not None  # only called with a directory
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{key}.", suffix=".tmp", dir=path.parent)
-            os.close(fd)
-            try:
+            with atomic_path(path) as tmp:
                 save_file(
                     {"embedding": value},
-                    tmp,
+                    str(tmp),
                     metadata={"key": key, "blake2b": self._checksum(value)},
                 )
-                os.replace(tmp, path)
-            finally:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
         except OSError as exc:  # a full or read-only disk must not stop segmentation
             logger.warning("Could not write embedding cache entry %s: %s", path, exc)
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import json
 import logging
 import re
@@ -263,11 +262,9 @@ def read_state_dict(path: PathLike, *, what: str = "checkpoint") -> dict[str, to
 
 @functools.lru_cache(maxsize=32)
 def _sha256_cached(path: str, size: int, mtime_ns: int) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    from .weights import file_sha256
+
+    return file_sha256(path)
 
 
 def _file_sha256(path: PathLike) -> str:

@@ -534,33 +534,31 @@ def _looks_like_labels(name: str) -> bool:
     return any(token in lower for token in ("seg", "label", "mask", "atlas"))
 
 
-def write_phantom(path: Path, shape_zyx: tuple[int, int, int] = (12, 64, 64)) -> Path:
-    """Write a synthetic MR-like phantom NIfTI: two bright ellipsoids in a dim body.
+#: Grid of the demo's CT phantom (small, so the demo stays quick on a CPU): (Z, Y, X), mm.
+PHANTOM_SHAPE_ZYX = (20, 64, 80)
+PHANTOM_SPACING_ZYX = (10.0, 5.0, 5.0)
+#: Phantom organs the demo puts boxes on (label values of io.sample_data.PHANTOM_CLASSES).
+PHANTOM_DEMO_OBJECTS = (1, 2)  # liver, spleen
 
-    The volume is stored RAS (identity-like affine, 1.5 mm voxels) so display orientation is a
-    flip of rows and columns; the demo derives its boxes from the displayed volume.
+
+def write_phantom(path: Path, phantom: Any = None) -> Path:
+    """Write the synthetic abdominal CT of :func:`napari_masam.io.sample_data.make_ct_phantom`
+    (HU, int16) as a RAS NIfTI whose displayed volume is ``phantom.image_hu``.
+
+    ``phantom`` defaults to ``make_ct_phantom(PHANTOM_SHAPE_ZYX, PHANTOM_SPACING_ZYX)``.
     """
-    import nibabel as nib
-    import numpy as np
+    from .io.nifti import write_nifti
+    from .io.sample_data import make_ct_phantom
 
-    z, y, x = shape_zyx
-    zz, yy, xx = np.meshgrid(
-        np.linspace(-1, 1, z), np.linspace(-1, 1, y), np.linspace(-1, 1, x), indexing="ij"
+    if phantom is None:
+        phantom = make_ct_phantom(PHANTOM_SHAPE_ZYX, PHANTOM_SPACING_ZYX)
+    return write_nifti(
+        path,
+        phantom.image_hu,
+        is_labels=False,
+        spacing_zyx=phantom.spacing_zyx,
+        translate_zyx=phantom.translate_zyx,
     )
-    body = (yy / 0.9) ** 2 + (xx / 0.8) ** 2 <= 1
-    organ_a = ((zz / 0.7) ** 2 + ((yy + 0.25) / 0.35) ** 2 + ((xx - 0.35) / 0.25) ** 2) <= 1
-    organ_b = ((zz / 0.6) ** 2 + ((yy - 0.3) / 0.25) ** 2 + ((xx + 0.3) / 0.3) ** 2) <= 1
-    rng = np.random.default_rng(0)
-    volume = 100.0 * body + 500.0 * organ_a + 350.0 * organ_b + rng.normal(0, 10, shape_zyx)
-    data_xyz = volume.astype(np.float32).transpose(2, 1, 0)  # nibabel arrays are (x, y, z)
-    affine = np.diag([1.5, 1.5, 3.0, 1.0])
-    image = nib.Nifti1Image(data_xyz, affine)
-    image.set_qform(affine, code=1)
-    image.set_sform(affine, code=1)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with batch.atomic_path(path) as tmp:
-        nib.save(image, str(tmp))
-    return path
 
 
 def otsu_threshold(values: Any, bins: int = 256) -> float:
@@ -616,10 +614,28 @@ def derive_demo_boxes(
         raise ValueError("demo: the sample volume has no bright structure to put a box on")
     sizes = ndimage.sum_labels(np.ones_like(blobs), blobs, index=np.arange(1, count + 1))
     order = np.argsort(sizes)[::-1][:n_objects] + 1
+    return keyframe_boxes(blobs, [int(b) for b in order], n_keyframes)
+
+
+def keyframe_boxes(
+    labels_zyx: Any, label_ids: Sequence[int], n_keyframes: int = 3
+) -> dict[int, dict[int, tuple[float, float, float, float]]]:
+    """Boxes of the given labels of a ``(Z, Y, X)`` label volume on a few keyframes each.
+
+    Label ``label_ids[i]`` becomes object ``i + 1`` (labels absent from the volume are
+    skipped). Each gets ``n_keyframes`` slices evenly spread over the middle 60 % of its
+    extent, with its bounding box there padded by 3 pixels (XYXY pixel indices of the displayed
+    slice, max edge inclusive).
+    """
+    import numpy as np
+
+    blobs = np.asarray(labels_zyx)
     boxes: dict[int, dict[int, tuple[float, float, float, float]]] = {}
-    _, height, width = volume.shape
-    for blob in order:
+    _, height, width = blobs.shape
+    for blob in label_ids:
         zs = np.flatnonzero((blobs == blob).any(axis=(1, 2)))
+        if zs.size == 0:
+            continue
         lo, hi = int(zs[0]), int(zs[-1])
         span = hi - lo
         picks = np.unique(
@@ -669,14 +685,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
     out = Path(args.output).expanduser().absolute()
     sample = sample_volume_path()
     source = "bundled sample"
+    phantom_boxes = None
     if sample is None:
-        sample = write_phantom(out / "inputs" / "phantom.nii.gz")
+        from .io.sample_data import make_ct_phantom
+
+        phantom = make_ct_phantom(PHANTOM_SHAPE_ZYX, PHANTOM_SPACING_ZYX)
+        sample = write_phantom(out / "inputs" / "phantom.nii.gz", phantom)
         source = "synthetic phantom"
-    volume = np.asarray(read_nifti(sample).data)
-    if source == "bundled sample" and batch.file_sha256(sample) == DEMO_SAMPLE_SHA256:
+        phantom_boxes = keyframe_boxes(phantom.labels, PHANTOM_DEMO_OBJECTS)
+    if phantom_boxes is not None:
+        boxes = phantom_boxes  # the phantom's exact organs
+    elif batch.file_sha256(sample) == DEMO_SAMPLE_SHA256:
         boxes = DEMO_SAMPLE_BOXES
     else:
-        boxes = derive_demo_boxes(volume)
+        boxes = derive_demo_boxes(np.asarray(read_nifti(sample).data))
     stem = batch.input_stem(sample)
     boxes_path = write_boxes_json(out / "boxes" / f"{stem}.json", boxes)
     config = batch.BatchConfig(

@@ -29,12 +29,15 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
+from .io._common import label_dtype_for
+from .palette import label_color
 from .preprocess import (
     IntensityPreset,
     OrientationTransform,
     ResizeInfo,
     boxes_to_model_frame,
     minmax_with,
+    needs_volume_window,
     normalize_slice,
     orientation_transform,
     probabilities_to_grid,
@@ -200,10 +203,6 @@ def _torch_threads(n: int | None) -> Iterator[None]:
         torch.set_num_threads(old)
 
 
-def _label_dtype(max_value: int) -> np.dtype:
-    return np.dtype(np.uint8) if max_value < 255 else np.dtype(np.uint16)
-
-
 def _stack_geometry(stack: Any) -> tuple[tuple[int, int, int], bool]:
     shape = (
         tuple(int(s) for s in np.shape(stack))
@@ -283,7 +282,9 @@ class _Engine:
         if not self.transform.keeps_slice_axis:
             # reslicing across the slice axis needs the whole stack (documented)
             self._oriented = self.transform.to_model(np.asarray(stack))
-        self.window = volume_window(stack, self.preset)
+        self.window = (
+            volume_window(stack, self.preset) if needs_volume_window(self.preset) else None
+        )
         self._buffer: dict[int, _Prepared] = {}
         self.timings: dict[str, float] = {
             "encode_s": 0.0,
@@ -441,7 +442,7 @@ class _Engine:
     def preprocessing(self) -> dict[str, Any]:
         return {
             "preset": self.preset.to_dict(),
-            "volume_window": list(self.window),
+            "volume_window": None if self.window is None else list(self.window),
             "stack_orientation_transform": self.transform.to_dict(),
             "model_orientation": self.model.metadata.orientation,
             "resize_mode": self.info.resize_mode,
@@ -594,7 +595,7 @@ def iter_segment_automatic(
         )
     depth, group, front = eng.depth, eng.group, eng.front
     starts = window_starts(depth, group, int(stride))
-    dtype = _label_dtype(model.num_classes)
+    dtype = label_dtype_for(model.num_classes)
     target = eng.labels_target(out, keep_labels, dtype)
     oriented_labels = None
     if not eng.transform.keeps_slice_axis:
@@ -678,15 +679,10 @@ def iter_segment_automatic(
 # ----------------------------------------------------------------------------------------------
 # Box mode
 # ----------------------------------------------------------------------------------------------
-_PALETTE = (
-    "#e6194b", "#3cb44b", "#ffe119", "#4363d8", "#f58231", "#911eb4", "#46f0f0", "#f032e6",
-    "#bcf60c", "#fabebe", "#008080", "#e6beff", "#9a6324", "#fffac8", "#800000", "#aaffc3",
-)  # fmt: skip
-
-
 def object_color(object_id: int) -> str:
-    """A distinct ``#rrggbb`` colour for an object id (cycles through 16 colours)."""
-    return _PALETTE[(int(object_id) - 1) % len(_PALETTE)]
+    """``#rrggbb`` colour of object ``object_id`` (>= 1): that of label ``object_id``
+    (:func:`napari_masam.palette.label_color`), so a prompt and its mask share a colour."""
+    return label_color(object_id)
 
 
 def _boxes_by_slice(
@@ -797,7 +793,7 @@ def iter_segment_boxes(
         )
     per_slice = _boxes_by_slice(boxes, eng.stack_shape)
     object_ids = tuple(sorted({oid for items in per_slice.values() for oid, _ in items}))
-    dtype = _label_dtype(max(object_ids, default=0))
+    dtype = label_dtype_for(max(object_ids, default=0))
     target = eng.labels_target(out, keep_labels, dtype)
     total = len(per_slice)
     depth, front = eng.depth, eng.front

@@ -151,6 +151,16 @@ def resolve_preset(
         ) from None
 
 
+def needs_volume_window(preset: IntensityPreset) -> bool:
+    """Whether the volume-level step changes anything.
+
+    A min-max window followed by the per-group min-max is redundant (an affine map that the
+    group step undoes), and computing it would read the whole stack (decode a whole video)
+    before the first slice is segmented.
+    """
+    return not (preset.kind == "minmax" and preset.group_minmax)
+
+
 def volume_window(stack: Any, preset: IntensityPreset) -> tuple[float, float]:
     """The volume-level clip window ``(low, high)`` in raw units.
 
@@ -181,7 +191,7 @@ def volume_window(stack: Any, preset: IntensityPreset) -> tuple[float, float]:
 
 
 def normalize_slice(
-    slice_: np.ndarray, preset: IntensityPreset, window: tuple[float, float]
+    slice_: np.ndarray, preset: IntensityPreset, window: tuple[float, float] | None
 ) -> np.ndarray:
     """The volume-level step on one slice.
 
@@ -190,8 +200,9 @@ def normalize_slice(
     slice_ : ndarray
         (Y, X) or (Y, X, 3) raw values.
     preset : IntensityPreset
-    window : (float, float)
-        From :func:`volume_window`.
+    window : (float, float) or None
+        From :func:`volume_window`; None when :func:`needs_volume_window` is False (the raw
+        values are returned as float32 for the group step).
 
     Returns
     -------
@@ -199,6 +210,8 @@ def normalize_slice(
         float32, same shape: CT clipped HU; other kinds ``(clip(x) - low) / (high - low)`` in
         [0, 1] (zeros when ``high == low``).
     """
+    if window is None:
+        return np.asarray(slice_, dtype=np.float32)
     low, high = np.float32(window[0]), np.float32(window[1])
     x = np.clip(np.asarray(slice_, dtype=np.float32), low, high)
     if preset.kind == "ct":
@@ -217,7 +230,7 @@ def normalize_stack(stack: Any, preset: IntensityPreset) -> np.ndarray:
     ndarray
         float32 (Z, Y, X) or (Z, Y, X, 3), see :func:`normalize_slice`.
     """
-    window = volume_window(stack, preset)
+    window = volume_window(stack, preset) if needs_volume_window(preset) else None
     return np.stack(
         [normalize_slice(np.asarray(stack[z]), preset, window) for z in range(len(stack))]
     )

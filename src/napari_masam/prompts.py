@@ -36,6 +36,15 @@ BoxesByObject = dict[int, dict[int, Box]]
 _EPS = 1e-6
 
 
+def round_half_up(value: float) -> int:
+    """``floor(value + 0.5)``: THE rounding of box coordinates (2.5 -> 3, -0.5 -> 0).
+
+    Python's ``round`` rounds halves to even (2.5 -> 2, 3.5 -> 4), which would move box edges
+    at ``.5`` coordinates by different amounts depending on parity.
+    """
+    return math.floor(float(value) + 0.5)
+
+
 # ----------------------------------------------------------------------------------------------
 # Coordinate maps
 # ----------------------------------------------------------------------------------------------
@@ -106,14 +115,14 @@ def rectangle_to_xyxy(vertices_rc: np.ndarray) -> Box | None:
     for axis in (1, 0):  # cols then rows
         a, b = math.ceil(lo[axis] - _EPS), math.floor(hi[axis] + _EPS)
         if a > b:
-            a = b = math.floor((lo[axis] + hi[axis]) / 2 + 0.5)
+            a = b = round_half_up((lo[axis] + hi[axis]) / 2)
         out.append((a, b))
     return (out[0][0], out[1][0], out[0][1], out[1][1])
 
 
 def clip_box(box_xyxy: Sequence[float], shape_yx: Sequence[int]) -> Box | None:
     """Clip an inclusive box to a (Y, X) slice; None when it lies wholly outside."""
-    x0, y0, x1, y1 = (round(float(v)) for v in box_xyxy)
+    x0, y0, x1, y1 = (round_half_up(v) for v in box_xyxy)
     x0, x1 = min(x0, x1), max(x0, x1)
     y0, y1 = min(y0, y1), max(y0, y1)
     ny, nx = int(shape_yx[0]), int(shape_yx[1])
@@ -153,8 +162,7 @@ def interpolate_keyframes(
     out: dict[int, Box] = {}
 
     def as_box(v: np.ndarray) -> Box:
-        r = np.floor(v + 0.5).astype(int)
-        return (int(r[0]), int(r[1]), int(r[2]), int(r[3]))
+        return (round_half_up(v[0]), round_half_up(v[1]), round_half_up(v[2]), round_half_up(v[3]))
 
     for a, b in itertools.pairwise(zs):
         for z in range(a, b + 1):
@@ -266,7 +274,7 @@ def boxes_from_shapes(
         v = _map_vertices(_map_vertices(np.asarray(vertices, dtype=np.float64), to_world), to_data)
         if v.shape[-1] >= 3:
             zs = v[:, -3]
-            z = math.floor(float(np.mean(zs)) + 0.5)
+            z = round_half_up(np.mean(zs))
             if np.ptp(zs) > 0.5:
                 logger.warning("Rectangle %d is not on one slice (z %s); using slice %d.", i, zs, z)
         else:
@@ -429,10 +437,10 @@ def load_boxes_file(
             raise ValueError(f"{where}: object ids must be positive, got {oid}.")
         x0, y0, x1, y1 = box
         keyframes.setdefault(oid, {})[z] = (
-            round(min(x0, x1)),
-            round(min(y0, y1)),
-            round(max(x0, x1)),
-            round(max(y0, y1)),
+            round_half_up(min(x0, x1)),
+            round_half_up(min(y0, y1)),
+            round_half_up(max(x0, x1)),
+            round_half_up(max(y0, y1)),
         )
         rng = ranges.setdefault(oid, [z, z])
         rng[0], rng[1] = min(rng[0], z), max(rng[1], z if last is None else int(last))

@@ -9,6 +9,8 @@ import pytest
 import tifffile
 
 from napari_masam.io.export import (
+    LabelsTiffWriter,
+    PngMaskWriter,
     blend_labels,
     read_png_masks,
     write_labels_tiff,
@@ -37,6 +39,52 @@ def test_png_masks_lossless(tmp_path, high):
     }
     with pytest.raises(ValueError, match="TIFF"):
         write_png_masks(labels - 1, tmp_path / "neg")
+
+
+def test_png_writer_streams_atomically(tmp_path):
+    labels = _labels(t=5, high=4)
+    folder = tmp_path / "masks"
+    folder.mkdir()
+    (folder / "frame999.png").write_bytes(b"stale")  # an older, longer run
+    with PngMaskWriter(folder, max_label=3, n_frames=5) as writer:
+        writer.write(labels[:2])  # a block ...
+        for t in range(2, 5):  # ... then single frames
+            writer.write(labels[t])
+        # nothing under the final name until the writer closes
+        assert sorted(p.name for p in folder.iterdir()) == ["frame999.png"]
+    assert sorted(p.name for p in folder.iterdir()) == [f"frame{t:03d}.png" for t in range(5)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["masks"]  # no temporary left
+    back = read_png_masks(folder)
+    assert back.dtype == np.uint8
+    np.testing.assert_array_equal(back, labels)
+
+    # an error while writing leaves the previous folder as it was
+    with pytest.raises(ValueError, match=r"0\.\.255"), PngMaskWriter(folder, max_label=255) as w:
+        w.write(labels[0])
+        w.write(labels[1] + 300)
+    np.testing.assert_array_equal(read_png_masks(folder), labels)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["masks"]
+
+    # a folder holding other things is never replaced
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    with pytest.raises(ValueError, match=r"notes\.txt"):
+        PngMaskWriter(tmp_path / "mine")
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
+
+
+def test_labels_tiff_writer_streams(tmp_path):
+    labels = _labels(t=7, high=300)
+    path = tmp_path / "stack_labels.tif"
+    with LabelsTiffWriter(path, max_label=299, spacing=(1.0, 0.5, 0.25)) as writer:
+        for t in range(0, 7, 3):
+            writer.write(labels[t : t + 3])
+        assert not path.exists()
+    stack = read_tiff_stack(path)
+    assert stack.axes == "TYX" and stack.is_labels and stack.data.dtype == np.uint16
+    assert isinstance(stack.data, np.memmap)  # contiguous pages: memory-mapped back
+    np.testing.assert_array_equal(stack.data, labels)
+    np.testing.assert_allclose(stack.spacing[1:], (0.5, 0.25), rtol=1e-6)
 
 
 def test_labels_tiff_round_trip(tmp_path):

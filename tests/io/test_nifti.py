@@ -343,3 +343,57 @@ def test_bad_files_raise_clear_errors(nib_data, tmp_path, kind):
 def test_missing_file(tmp_path):
     with pytest.raises(FileNotFoundError):
         read_nifti(tmp_path / "nope.nii.gz")
+
+
+@pytest.mark.parametrize(
+    ("stored", "slope", "inter", "expected"),
+    [
+        (np.int16, 1.0, -1024.0, np.int32),  # DICOM-converted CT
+        (np.uint8, 1.0, -1024.0, np.int16),
+        (np.uint16, 2.0, 0.0, np.uint32),
+        (np.int16, 0.5, 3.25, np.float32),  # non-integral scaling: float32
+    ],
+)
+@pytest.mark.parametrize("ext", [".nii", ".nii.gz"])
+def test_scaled_integer_file_is_lazy_and_exact(tmp_path, stored, slope, inter, expected, ext):
+    import tracemalloc
+
+    import dask.array  # noqa: F401  (imported before measuring: its import allocates)
+
+    info = np.iinfo(stored)
+    rng = np.random.default_rng(0)
+    raw = rng.integers(info.min, int(info.max) + 1, size=(128, 96, 80)).astype(stored)
+    raw[0, 0, 0], raw[1, 0, 0] = info.min, info.max  # the extremes must fit the dtype
+    affine = np.diag([0.8, 0.9, 2.5, 1.0])
+    img = nib.Nifti1Image(raw, affine)
+    img.header.set_slope_inter(slope, inter)
+    path = tmp_path / f"ct{ext}"
+    nib.save(img, path)
+
+    tracemalloc.start()
+    vol = read_nifti(path, as_labels=False)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    if ext == ".nii":  # memory-mapped: opening reads no voxels (a scaled copy: >= 2 MB)
+        assert peak < raw.size // 4, peak
+    assert vol.data.dtype == expected
+    assert vol.metadata["dtype"] == str(np.dtype(stored))
+
+    fdata = nib.load(path).get_fdata()  # float64, nibabel's own scaling
+    ornt = ornt_transform(io_orientation(affine), axcodes2ornt(tuple(DISPLAY_ORIENTATION)))
+    ref = nib.orientations.apply_orientation(fdata, ornt)
+    assert vol.data.shape == ref.shape
+    np.testing.assert_array_equal(np.asarray(vol.data[7]), ref[7].astype(expected))
+    got = np.asarray(vol.data)
+    assert got.dtype == expected
+    if np.dtype(expected).kind == "f":
+        np.testing.assert_allclose(got, ref, rtol=1e-6)
+    else:
+        np.testing.assert_array_equal(got, ref)
+
+    # unchanged data write back to the stored dtype and scaling, voxel for voxel
+    out = write_nifti(tmp_path / f"rt{ext}", vol.data, vol.metadata, is_labels=False)
+    back = nib.load(out)
+    assert back.get_data_dtype() == np.dtype(stored)
+    assert (back.dataobj.slope, back.dataobj.inter) == (slope, inter)
+    np.testing.assert_array_equal(back.dataobj.get_unscaled(), raw)

@@ -228,3 +228,45 @@ def test_bad_videos(clips, tmp_path, kind):
 def test_probe(clips):
     info = probe_video(clips["vp9.webm"])
     assert info["codec"] == "vp9" and (info["height"], info["width"]) == (64, 80)
+
+
+@pytest.mark.parametrize(
+    ("codec", "pix_fmt"), [("no_such_codec_xyz", "yuv420p"), ("libx264", "no_such_pix_fmt")]
+)
+def test_writer_bad_codec_closes_the_container(tmp_path, monkeypatch, codec, pix_fmt):
+    import av
+
+    from napari_masam.io import video as video_module
+
+    opened = []
+
+    class SpyContainer:
+        """Forwards to the real output container and records whether it was closed."""
+
+        def __init__(self, real):
+            self.real, self.closed = real, False
+
+        def __getattr__(self, name):
+            return getattr(self.real, name)
+
+        def close(self):
+            self.closed = True
+            self.real.close()
+
+    real_open = av.open
+
+    def spy_open(*args, **kwargs):
+        opened.append(SpyContainer(real_open(*args, **kwargs)))
+        return opened[-1]
+
+    monkeypatch.setattr(video_module.av, "open", spy_open)
+    path = tmp_path / "out.mp4"
+    with pytest.raises(ValueError, match=codec if "xyz" in codec else pix_fmt):
+        VideoWriter(path, 10, codec=codec, pix_fmt=pix_fmt)
+    assert len(opened) == 1 and opened[0].closed
+    assert not path.exists()
+    monkeypatch.undo()
+    # the name is free again: a good writer works there
+    with VideoWriter(path, 10, codec="mpeg4") as w:
+        w.write(np.zeros((16, 16, 3), np.uint8))
+    assert VideoReader(path).shape[0] == 1

@@ -28,7 +28,7 @@ from napari_masam.model.masam import (
     trainable_parameter_names,
 )
 
-SPEC = Path(__file__).resolve().parents[3] / "shared" / "spec"
+SPEC = Path(__file__).resolve().parents[1] / "data" / "spec"  # copies of shared/spec
 TINY = MASAM_CONFIGS["tiny"]
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -77,6 +78,18 @@ def has_few_values(data: np.ndarray, max_values: int = MAX_LABEL_VALUES) -> bool
     return np.unique(arr).size <= max_values
 
 
+def label_dtype_for(max_label: int) -> np.dtype:
+    """Smallest unsigned integer dtype holding labels ``0..max_label`` (uint8 up to 255, then
+    uint16, uint32, uint64): THE label dtype rule of the engine, the writers and the exports."""
+    max_label = int(max_label)
+    if max_label < 0:
+        raise ValueError(f"label values are >= 0; got a maximum of {max_label}")
+    for dtype in (np.uint8, np.uint16, np.uint32, np.uint64):
+        if max_label <= np.iinfo(dtype).max:
+            return np.dtype(dtype)
+    raise ValueError(f"label {max_label} does not fit a 64-bit integer")
+
+
 def minimal_label_dtype(data: np.ndarray) -> np.dtype:
     """Smallest integer dtype that holds every value of ``data`` exactly.
 
@@ -95,38 +108,80 @@ def minimal_label_dtype(data: np.ndarray) -> np.dtype:
                 f"{arr.dtype}. Round or cast the labels before saving them."
             )
     lo, hi = int(arr.min()), int(arr.max())
-    candidates = (
-        (np.uint8, np.uint16, np.uint32, np.uint64)
-        if lo >= 0
-        else (np.int8, np.int16, np.int32, np.int64)
-    )
-    for dtype in candidates:
+    if lo >= 0:
+        return label_dtype_for(hi)
+    for dtype in (np.int8, np.int16, np.int32, np.int64):
         info = np.iinfo(dtype)
         if info.min <= lo and hi <= info.max:
             return np.dtype(dtype)
     raise ValueError(f"labels range {lo}..{hi} does not fit a 64-bit integer")
 
 
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a temporary path beside ``path`` (same suffixes); move it onto ``path`` on success.
+def _suffix_of(target: Path) -> str:
+    return (
+        "".join(target.suffixes[-2:]) if target.name.lower().endswith(".nii.gz") else target.suffix
+    )
 
-    A crash or an exception while writing leaves any existing file at ``path`` untouched and no
-    half-written file behind.
+
+def temp_sibling(path: str | os.PathLike[str], *, directory: bool = False) -> Path:
+    """Create a hidden, uniquely named empty file (or folder) beside ``path`` and return it.
+
+    The file keeps ``path``'s suffixes (``.partial.nii.gz``, ``.partial.tif``) so writers that go
+    by the extension write the right format. Pair with :func:`commit_path` / :func:`discard_path`.
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    suffix = (
-        "".join(target.suffixes[-2:]) if target.name.lower().endswith(".nii.gz") else target.suffix
-    )
+    if directory:
+        return Path(
+            tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent)
+        )
     fd, tmp_name = tempfile.mkstemp(
-        prefix=f".{target.name}.", suffix=f".partial{suffix}", dir=target.parent
+        prefix=f".{target.name}.", suffix=f".partial{_suffix_of(target)}", dir=target.parent
     )
     os.close(fd)
-    tmp = Path(tmp_name)
+    return Path(tmp_name)
+
+
+def commit_path(tmp: str | os.PathLike[str], path: str | os.PathLike[str]) -> None:
+    """Move the finished ``tmp`` onto ``path`` atomically.
+
+    A folder replaces an existing folder: the old one is renamed aside first and deleted after the
+    new one is in place, so ``path`` always names a complete output.
+    """
+    tmp, target = Path(tmp), Path(path)
+    if not tmp.is_dir():
+        os.replace(tmp, target)
+        return
+    old = None
+    if target.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
+        os.replace(target, old)
+    os.replace(tmp, target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def discard_path(tmp: str | os.PathLike[str]) -> None:
+    """Delete a temporary file or folder made by :func:`temp_sibling` (missing is fine)."""
+    tmp = Path(tmp)
+    if tmp.is_dir():
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike[str], *, directory: bool = False) -> Iterator[Path]:
+    """Yield a temporary path beside ``path`` (same suffixes); move it onto ``path`` on success.
+
+    A crash or an exception while writing leaves any existing file at ``path`` untouched and no
+    half-written file behind. ``directory=True`` yields an empty folder that replaces the folder
+    ``path`` as a whole (see :func:`commit_path`).
+    """
+    tmp = temp_sibling(path, directory=directory)
     try:
         yield tmp
-        os.replace(tmp, target)
+        commit_path(tmp, path)
     finally:
         if tmp.exists():
-            tmp.unlink()
+            discard_path(tmp)

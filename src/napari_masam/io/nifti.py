@@ -223,11 +223,8 @@ def volume_from_image(
     # nibabel moves scl_slope/scl_inter from the loaded header into the array proxy
     slope, inter = _slope_inter(img)
     scaled = slope != 1.0 or inter != 0.0
-    if scaled:
-        out_dtype = np.float64 if raw.dtype.itemsize > 2 and raw.dtype.kind in "iu" else np.float32
-        data = np.asarray(raw, dtype=out_dtype) * out_dtype(slope) + out_dtype(inter)
-    else:
-        data = raw
+    # scaling is applied last, lazily (see _scale_lazily): the stored array is only viewed here
+    data = raw
 
     # drop trailing singleton extra axes ((X, Y, Z, 1) is 3D); pad 2D to 3 spatial axes
     n_keep = len(file_shape)
@@ -277,6 +274,8 @@ def volume_from_image(
         logger.warning(msg)
         warnings.warn(msg, ObliqueAffineWarning, stacklevel=3)
 
+    if scaled:
+        data = _scale_lazily(data, slope, inter)
     is_labels = _decide_labels(as_labels, raw.dtype, scaled, header, path, data)
     if is_labels and (data.dtype.kind not in "iu" or not data.dtype.isnative):
         # labels are edited in place by napari: a native integer array in memory
@@ -435,6 +434,63 @@ def _load_header(path: Path, mmap: bool = True) -> nib.Nifti1Image | nib.Nifti2I
     return img
 
 
+def scaled_dtype(stored: np.dtype, slope: float, inter: float) -> np.dtype:
+    """dtype of ``stored * slope + inter`` values (NIfTI ``scl_slope``/``scl_inter``).
+
+    Integer stored data with a whole-number slope and intercept (DICOM-converted CT: int16,
+    slope 1, intercept -1024) stay integers: the smallest integer dtype holding every possible
+    value (int16 + -1024 needs int32). Otherwise float32 (float64 for float64 data).
+    """
+    stored = np.dtype(stored)
+    if stored.kind in "iu" and float(slope).is_integer() and float(inter).is_integer():
+        info = np.iinfo(stored)
+        ends = [int(info.min) * int(slope) + int(inter), int(info.max) * int(slope) + int(inter)]
+        lo, hi = min(ends), max(ends)
+        ladder = (
+            (np.uint8, np.uint16, np.uint32, np.uint64)
+            if lo >= 0
+            else (np.int8, np.int16, np.int32, np.int64)
+        )
+        for dtype in ladder:
+            if np.iinfo(dtype).min <= lo and hi <= np.iinfo(dtype).max:
+                return np.dtype(dtype)
+    return np.dtype(np.float64 if stored == np.float64 else np.float32)
+
+
+def _scale_lazily(data: Any, slope: float, inter: float) -> Any:
+    """``data * slope + inter`` as a dask array computed one 2D slice at a time on access.
+
+    ``data`` (the stored values, already in display order) may be a view of nibabel's memory
+    map: nothing is read until a slice is asked for. Values equal nibabel's ``get_fdata``.
+    """
+    import dask.array as da
+
+    out = scaled_dtype(data.dtype, slope, inter)
+    s, i = out.type(slope), out.type(inter)
+
+    def scale(block: np.ndarray) -> np.ndarray:
+        return block.astype(out) * s + i
+
+    chunks = (1,) * max(data.ndim - 2, 0) + tuple(data.shape[-2:])
+    # name=False: a random graph name, so dask does not hash (read) the whole array; the view
+    # wrapper has no ``copy``, which dask would otherwise call (reading the whole array)
+    lazy = da.from_array(_SliceView(data), chunks=chunks, name=False, asarray=True)
+    return lazy.map_blocks(scale, dtype=out)
+
+
+class _SliceView:
+    """Read-only window on an array (a memory map): only what is indexed gets read."""
+
+    def __init__(self, array: Any) -> None:
+        self._array = array
+        self.shape = tuple(array.shape)
+        self.dtype = array.dtype
+        self.ndim = array.ndim
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        return np.asarray(self._array[key])
+
+
 def _nbytes(img: nib.Nifti1Image | nib.Nifti2Image) -> int:
     return int(np.prod(img.shape, dtype=np.int64)) * img.get_data_dtype().itemsize
 
@@ -497,7 +553,7 @@ def _image_like_reference(
         header.set_data_shape(arr.shape)
     slope, inter = float(ref.get("scl_slope", 1.0)), float(ref.get("scl_inter", 0.0))
     stored = np.dtype(ref["dtype"])
-    if not is_labels and (slope, inter) != (1.0, 0.0) and arr.dtype.kind == "f":
+    if not is_labels and (slope, inter) != (1.0, 0.0) and arr.dtype.kind in "iuf":
         # re-quantise to the stored dtype when that reproduces every value (unchanged image)
         requant = _requantize(arr, stored, slope, inter)
         if requant is not None:

@@ -30,6 +30,8 @@ from typing import Any
 import av
 import numpy as np
 
+from ..palette import label_rgb_table
+
 logger = logging.getLogger(__name__)
 
 #: File suffixes handled as video.
@@ -583,15 +585,30 @@ class VideoWriter:
             raise ValueError(f"fps must be positive, got {fps}")
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        existed = self.path.exists()
         self._container = av.open(str(self.path), "w")
-        self._stream = self._container.add_stream(
-            codec, rate=Fraction(fps).limit_denominator(100_000)
-        )
-        self._stream.pix_fmt = pix_fmt
-        opts = dict(options or {})
-        if crf is not None and codec in ("libx264", "libx265", "libvpx-vp9"):
-            opts.setdefault("crf", str(crf))
-        self._stream.options = opts
+        try:
+            self._stream = self._container.add_stream(
+                codec, rate=Fraction(fps).limit_denominator(100_000)
+            )
+            self._stream.pix_fmt = pix_fmt
+            opts = dict(options or {})
+            if crf is not None and codec in ("libx264", "libx265", "libvpx-vp9"):
+                opts.setdefault("crf", str(crf))
+            self._stream.options = opts
+        except Exception as exc:
+            # never leave the container (and its file handle) open, nor an empty new file
+            container, self._container = self._container, None
+            container.close()
+            if not existed:
+                self.path.unlink(missing_ok=True)
+            if isinstance(exc, av.FFmpegError | ValueError | TypeError):
+                raise ValueError(
+                    f"cannot write {self.path} with codec {codec!r} and pixel format "
+                    f"{pix_fmt!r}: {exc}. Use an encoder this FFmpeg build has (e.g. 'libx264', "
+                    "'mpeg4', 'ffv1') and a pixel format it accepts."
+                ) from exc
+            raise
         self._pad = pix_fmt.endswith(("420p", "422p"))
         self._size: tuple[int, int] | None = None
         self.frames_written = 0
@@ -636,18 +653,6 @@ class VideoWriter:
         self.close()
 
 
-def label_colors(n_labels: int, seed: int = 0) -> np.ndarray:
-    """``(n_labels + 1, 3)`` uint8 RGB colours; row 0 (background) is black, others distinct.
-
-    Hues step by the golden ratio so neighbouring label ids get far-apart colours.
-    """
-    colors = np.zeros((n_labels + 1, 3), dtype=np.uint8)
-    for i in range(1, n_labels + 1):
-        h = (seed * 0.1 + i * 0.618033988749895) % 1.0
-        colors[i] = np.round(255 * np.array(_hsv_to_rgb(h, 0.85, 1.0)))
-    return colors
-
-
 def blend_labels(
     frame_rgb: np.ndarray,
     labels: np.ndarray,
@@ -662,7 +667,7 @@ def blend_labels(
     labels : (H, W) int
         0 = background (left unchanged).
     colors : (L + 1, 3) uint8 array or {label: (r, g, b)}, optional
-        Default: :func:`label_colors`.
+        Default: :func:`napari_masam.palette.label_rgb_table` (the package palette).
     alpha : float
         Opacity of the label colour in [0, 1].
 
@@ -675,15 +680,15 @@ def blend_labels(
         raise ValueError(f"labels {labels.shape} and frame {frame_rgb.shape[:2]} differ in size")
     max_label = int(labels.max()) if labels.size else 0
     if colors is None:
-        lut = label_colors(max_label)
+        lut = label_rgb_table(max_label)
     elif isinstance(colors, dict):
-        lut = label_colors(max(max_label, max(colors, default=0)))
+        lut = label_rgb_table(max(max_label, max(colors, default=0)))
         for k, c in colors.items():
             lut[int(k)] = c
     else:
         lut = np.asarray(colors, dtype=np.uint8)
         if len(lut) <= max_label:
-            lut = np.concatenate([lut, label_colors(max_label)[len(lut) :]])
+            lut = np.concatenate([lut, label_rgb_table(max_label)[len(lut) :]])
     out = frame_rgb.astype(np.float32)
     mask = labels > 0
     out[mask] = (1 - alpha) * out[mask] + alpha * lut[labels[mask]].astype(np.float32)
@@ -721,7 +726,7 @@ def iter_write_overlay_mp4(
         fps = float(getattr(frames, "fps", 0.0) or 25.0)
     if colors is None:
         max_label = int(max((int(np.max(labels[t])) for t in range(len(labels))), default=0))
-        colors = label_colors(max_label)
+        colors = label_rgb_table(max_label)
     with VideoWriter(path, fps, crf=crf) as writer:
         for t in range(len(frames)):
             writer.write(blend_labels(np.asarray(frames[t]), np.asarray(labels[t]), colors, alpha))
@@ -801,13 +806,6 @@ def _split_key(key: Any) -> tuple[Any, tuple[Any, ...]]:
     if not key:
         return slice(None), ()
     return key[0], tuple(key[1:])
-
-
-def _hsv_to_rgb(h: float, s: float, v: float) -> tuple[float, float, float]:
-    i = int(h * 6) % 6
-    f = h * 6 - int(h * 6)
-    p, q, t = v * (1 - s), v * (1 - f * s), v * (1 - (1 - f) * s)
-    return [(v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v), (v, p, q)][i]
 
 
 def probe_video(path: str | os.PathLike[str]) -> dict[str, Any]:

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..devices import resolve_device
+from ..palette import label_colors
 from .adapters import Adapter3D, FacTQKV, FacTShared
 from .base import DISPLAY_ORIENTATION, ModelMetadata, SegmentationModel
 
@@ -79,11 +80,6 @@ MASAM_LITE_FACT_SCALE = 1.0
 MASAM_LITE_FACT_DROPOUT = 0.1
 #: TinyViT stages holding attention blocks (stage 0 is MBConv).
 ATTENTION_STAGES = (1, 2, 3)
-
-_PALETTE = (
-    "#e6194b", "#3cb44b", "#ffe119", "#4363d8", "#f58231", "#911eb4", "#46f0f0", "#f032e6",
-    "#bcf60c", "#fabebe", "#008080", "#e6beff", "#9a6324", "#fffac8", "#800000", "#aaffc3",
-)  # fmt: skip
 
 # Keyword arguments that generic callers (registry, load_model) may pass as None.
 _TOLERATED_NONE_KWARGS = ("checkpoint", "sam_checkpoint", "masam_checkpoint", "image_size")
@@ -353,7 +349,7 @@ def litemedsam_metadata(sha256: str | None = None) -> ModelMetadata:
     return ModelMetadata(
         name="litemedsam",
         class_names=("object",),
-        class_colors=(_PALETTE[0],),
+        class_colors=label_colors(1),
         intensity_preset=LITEMEDSAM_INTENSITY_PRESET,
         orientation=DISPLAY_ORIENTATION,
         resize_mode=LITEMEDSAM_RESIZE_MODE,
@@ -705,7 +701,7 @@ def masam_lite_metadata(
     return ModelMetadata(
         name=name,
         class_names=class_names,
-        class_colors=tuple(_PALETTE[i % len(_PALETTE)] for i in range(num_classes)),
+        class_colors=label_colors(num_classes),
         intensity_preset=LITEMEDSAM_INTENSITY_PRESET,
         orientation=DISPLAY_ORIENTATION,
         resize_mode=LITEMEDSAM_RESIZE_MODE,

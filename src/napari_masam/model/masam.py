@@ -17,34 +17,11 @@ import torch
 from segment_anything.modeling.prompt_encoder import PromptEncoder
 from torch import nn
 
+from ..palette import label_colors
 from .base import ModelMetadata, SegmentationModel
 from .config import MASAM_CONFIGS, MASAMConfig
 from .decoder import MASAMMaskDecoder
 from .encoder import MASAMImageEncoder
-
-#: Distinct ``#rrggbb`` colours for classes 1, 2, ... (cycled when there are more classes).
-CLASS_PALETTE: tuple[str, ...] = (
-    "#e6194b",
-    "#3cb44b",
-    "#ffe119",
-    "#4363d8",
-    "#f58231",
-    "#911eb4",
-    "#46f0f0",
-    "#f032e6",
-    "#bcf60c",
-    "#fabebe",
-    "#008080",
-    "#e6beff",
-    "#9a6324",
-    "#fffac8",
-    "#800000",
-    "#aaffc3",
-    "#808000",
-    "#ffd8b1",
-    "#000075",
-    "#808080",
-)
 
 #: Regular expressions (on our parameter names) of the parts MA-SAM fine-tunes (spec section 4):
 #: both adapters of every block (with their LayerNorms), FacT's shared U/V and per-block cores,
@@ -65,7 +42,7 @@ def default_metadata(config: MASAMConfig, name: str | None = None) -> ModelMetad
     return ModelMetadata(
         name=name or f"masam_{config.name}",
         class_names=tuple(f"class {i}" for i in range(1, n + 1)),
-        class_colors=tuple(CLASS_PALETTE[i % len(CLASS_PALETTE)] for i in range(n)),
+        class_colors=label_colors(n),
     )
 
 
