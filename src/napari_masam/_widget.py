@@ -21,6 +21,7 @@ import logging
 import time
 import weakref
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -71,6 +72,14 @@ def _path_or_none(value: Any) -> Path | None:
         return None
     path = Path(value)
     return None if str(path) in ("", ".") else path
+
+
+@dataclass(frozen=True)
+class SessionLoaded:
+    """First item a run yields after loading a model in the worker; the GUI thread adopts it."""
+
+    session: Any
+    key: Any
 
 
 class MASAMWidget(Container):
@@ -198,7 +207,8 @@ class MASAMWidget(Container):
             max=64,
             visible=False,
             tooltip="Automatic mode: step between the first slices of consecutive slice groups. "
-            "1 = every slice in every position (best), larger = faster.",
+            "1 = every slice in every position (best), larger = faster; at most the model's "
+            "slices per group (5 for MA-SAM).",
         )
         self._prompts_btn = PushButton(
             text="Add prompts layer",
@@ -224,8 +234,8 @@ class MASAMWidget(Container):
             choices=[(text, key) for key, text in _layers.COMMIT_POLICIES.items()],
             value="keep",
             visible=False,
-            tooltip="How Commit treats labels already in the target layer. keep existing labels: "
-            "other labels stay; the result's own label values are replaced. overwrite: the "
+            tooltip="How Commit treats labels already in the target layer. replace these "
+            "labels, keep others: the result's own label values are replaced, other labels stay. overwrite: the "
             "result wins everywhere it is foreground. only empty voxels: only background voxels "
             "are written, nothing is removed. Always one undo step (Ctrl+Z).",
         )
@@ -481,6 +491,29 @@ class MASAMWidget(Container):
         self._session, self._session_key = session, self._current_key()
         self._sync_model()
 
+    def use_checkpoint(self, path: str | Path, masam_checkpoint: str | Path | None = None) -> None:
+        """Select a checkpoint file as the model; the next run loads it from disk.
+
+        Used by the Fine-tune widget to hand over a freshly trained model. The loaded session
+        is dropped even when ``path`` is the file already selected: a retrained model is often
+        written under the same name, and the old weights must not be reused. A run in progress
+        finishes with the model it started with.
+
+        Parameters
+        ----------
+        path : path-like
+            Our single-file ``.safetensors`` checkpoint, or a SAM base checkpoint when
+            ``masam_checkpoint`` is given.
+        masam_checkpoint : path-like or None
+            The authors' MA-SAM checkpoint that goes with a SAM base checkpoint.
+        """
+        self._model.value = CHECKPOINT_CHOICE
+        self._checkpoint.value = Path(path)
+        self._masam_checkpoint.value = None if masam_checkpoint is None else Path(masam_checkpoint)
+        self._session, self._session_key = None, None
+        self._set_mode_enabled("automatic", True, "")
+        self._model_note = ""
+
     def add_prompts_layer(self) -> Shapes | None:
         """Create (or select) the prompts Shapes layer over the chosen image, rectangle mode."""
         image = self._image.value
@@ -548,6 +581,7 @@ class MASAMWidget(Container):
                 scale=preview.scale,
                 translate=preview.translate,
             )
+            _layers.copy_geometry(preview, layer)
             names = preview.metadata.get("class_names", ())
             colors = preview.metadata.get("class_colors", ())
             if names:
@@ -688,9 +722,11 @@ class MASAMWidget(Container):
                 preview.scale = info.scale
                 preview.translate = info.translate
                 preview.refresh()
+                _layers.copy_geometry(image, preview)
                 return preview
             self.viewer.layers.remove(preview)
         self._preview = _layers.new_labels_layer(self.viewer, info, _layers.PREVIEW_LAYER_NAME)
+        _layers.copy_geometry(image, self._preview)
         self._preview.opacity = 0.6
         self._target.reset_choices()
         return self._preview
@@ -714,8 +750,9 @@ class MASAMWidget(Container):
         self._stats = _worker.RunStats(total=len(job["slices"]))
         self._progress.max = max(1, len(job["slices"]))
         self._progress.value = 0
-        need_load = self._session is None or self._session_key != job["key"]
-        self._set_status("Loading the model..." if need_load else "Running...")
+        # the worker gets a snapshot: it never touches the widget's session itself
+        job["session"] = self._session if self._session_key == job["key"] else None
+        self._set_status("Loading the model..." if job["session"] is None else "Running...")
         self._run_btn.enabled = False
         self._cancel_btn.enabled = True
         self._commit_btn.enabled = False
@@ -735,22 +772,27 @@ class MASAMWidget(Container):
         return self._worker
 
     def _engine_generator(self, job: dict[str, Any]) -> Any:
-        """Runs in the worker thread: (load the model), then build the engine generator."""
+        """Runs in the worker thread: load the model if needed, then relay the engine.
+
+        Touches no widget state: a newly loaded session goes to the GUI thread as a yielded
+        :class:`SessionLoaded`, so a failed load leaves the previous working session in place.
+        Finished slices stream into the preview, so the engine keeps no labels volume of its
+        own (``keep_labels=False``): one (Z, Y, X) volume in memory, not three.
+        """
         from . import _worker
 
         _worker.import_core()
-        from .session import SegmentationSession
+        session = job["session"]
+        if session is None:
+            from .session import SegmentationSession
 
-        if self._session is None or self._session_key != job["key"]:
-            self._session = None
             session = SegmentationSession.from_source(
                 job["source"], device=job["device"], masam_checkpoint=job["masam_checkpoint"]
             )
-            self._session, self._session_key = session, job["key"]
-        session = self._session
+            yield SessionLoaded(session, job["key"])
         model = session.model
         info: _layers.LayerStack = job["info"]
-        extra: dict[str, Any] = {}
+        extra: dict[str, Any] = {"keep_labels": False}
         if getattr(session.device, "type", "cpu") == "cpu":
             # leave one core to the GUI thread: napari keeps drawing while the model runs
             extra["num_threads"] = gui_friendly_threads()
@@ -761,17 +803,22 @@ class MASAMWidget(Container):
                     "head for automatic mode. Draw boxes (mode: boxes) or load an MA-SAM "
                     "checkpoint with classes."
                 )
-            return session.iter_automatic(
+            engine = session.iter_automatic(
                 info.stack, preset=job["preset"], stride=job["stride"], **extra
             )
-        if not getattr(model, "supports_boxes", True):
-            raise ValueError(
-                f"Model {model.metadata.name!r} takes no box prompts; use automatic mode."
-            )
-        return session.iter_boxes(info.stack, job["boxes"], preset=job["preset"], **extra)
+        else:
+            if not getattr(model, "supports_boxes", True):
+                raise ValueError(
+                    f"Model {model.metadata.name!r} takes no box prompts; use automatic mode."
+                )
+            engine = session.iter_boxes(info.stack, job["boxes"], preset=job["preset"], **extra)
+        return (yield from engine)
 
     # ------------------------------------------------------------------ worker callbacks (GUI)
     def _on_progress(self, progress: Any) -> None:
+        if isinstance(progress, SessionLoaded):
+            self._session, self._session_key = progress.session, progress.key
+            return
         stats = self._stats
         if stats is None:
             return
@@ -801,18 +848,9 @@ class MASAMWidget(Container):
         self._last_result = result
         preview = self._preview
         info = self._run_info
-        labels = np.asarray(result.labels)
-        if info.get("is_2d") and labels.ndim == 3:
-            labels = labels[0]
         if preview is not None and preview in self.viewer.layers:
-            if labels.shape == preview.data.shape:
-                if (
-                    labels.dtype != preview.data.dtype
-                    and labels.dtype.itemsize > preview.data.dtype.itemsize
-                ):
-                    preview.data = labels.copy()
-                else:
-                    preview.data[...] = labels
+            # every finished slice already streamed into the preview (keep_labels=False)
+            labels = np.asarray(preview.data)
             names, colors = _result_class_info(result, labels)
             _layers.set_label_classes(preview, names, colors)
             preview.refresh()
@@ -868,6 +906,8 @@ class MASAMWidget(Container):
         if session is None or self._session_key != self._current_key():
             return
         model = session.model
+        # the engine takes strides 1..D (each slice must stay in some window)
+        self._stride.max = max(1, int(getattr(model, "slices_per_group", 1)))
         if not getattr(model, "supports_automatic", True):
             self._set_mode_enabled(
                 "automatic",
