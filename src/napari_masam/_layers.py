@@ -142,11 +142,6 @@ def stack_from_layer(layer: Any) -> LayerStack:
     return LayerStack(stack, labels_shape, rgb, is_2d, scale, translate)
 
 
-def labels_dtype(n_labels: int) -> np.dtype:
-    """uint8 when label values stay below 255, else uint16 (the engine's convention)."""
-    return np.dtype(np.uint8) if n_labels < 255 else np.dtype(np.uint16)
-
-
 def class_colormap(class_colors: Sequence[str], default: str = "#ffffff") -> Any:
     """A napari ``DirectLabelColormap``: 0 transparent, label ``i`` -> ``class_colors[i-1]``.
 
