@@ -9,6 +9,7 @@ model and reads the data (the cost of activations, gradients and AdamW state). M
 * ``masam-lite``: MA-SAM-Lite on the embedded LiteMedSAM at its native 256 px (laptop CPU case);
 * ``masam-lite-64``: the same weights fed 64 px inputs (the unit tests' setting);
 * ``tiny``: the tiny MA-SAM config (random weights);
+* ``tiny_train``: the same with 4 px patches (16 x 16 token grid; the learning test's model);
 * ``vit_b`` (``--device cuda`` only): MA-SAM ViT-B at 512 px with autocast.
 
 One step = one optimiser step on a batch of groups of 5 slices (the recipe's loss, AdamW,
@@ -136,7 +137,11 @@ def main() -> None:
         print(json.dumps(_one(args.one, args.steps, args.batch, args.device, not args.no_train)))
         return
 
-    plan = [("tiny", 10 if args.quick else 20, 2), ("masam-lite-64", 2 if args.quick else 5, 1)]
+    plan = [
+        ("tiny", 10 if args.quick else 20, 2),
+        ("tiny_train", 10 if args.quick else 20, 2),
+        ("masam-lite-64", 2 if args.quick else 5, 1),
+    ]
     if not args.quick:
         plan.append(("masam-lite", 2, 1))
     if args.device.startswith("cuda"):
@@ -149,7 +154,8 @@ def main() -> None:
     for name, steps, batch in plan:
         base = _child(name, steps, batch, args.device, train=False)
         run = _child(name, steps, batch, args.device, train=True)
-        ratio = f"{run['trainable'] / 1e6:.2f}M/{run['total'] / 1e6:.2f}M ({run['trainable'] / run['total']:.1%})"
+        share = run["trainable"] / run["total"]
+        ratio = f"{run['trainable'] / 1e6:.2f}M/{run['total'] / 1e6:.2f}M ({share:.1%})"
         peak = run.get("cuda_peak_mb", run["peak_rss_mb"])
         print(
             f"{name:>15} {run['slices_per_step']:>11} {run['steps_per_s']:>8.3f} {peak:>8.0f} "
@@ -158,7 +164,8 @@ def main() -> None:
     print("\nparameter-efficient share (spec vit_b: 30.1 M trainable of 117.4 M = 25.7 %)")
     for label, total, trainable in _param_table():
         print(
-            f"  {label}: {trainable / 1e6:.1f} M trainable of {total / 1e6:.1f} M = {trainable / total:.1%}"
+            f"  {label}: {trainable / 1e6:.1f} M trainable of {total / 1e6:.1f} M "
+            f"= {trainable / total:.1%}"
         )
 
 

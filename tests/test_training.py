@@ -132,6 +132,12 @@ def test_lr_schedule_warms_up_linearly_then_decays_with_power_7():
     assert all(a >= b for a, b in zip(factors[warm:], factors[warm + 1 :]))
 
 
+def test_lr_schedule_with_power_zero_is_constant_after_warm_up():
+    factors = [lr_factor(s, 50, 5, 0.0) for s in range(50)]
+    assert factors[:5] == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0])
+    assert factors[5:] == [1.0] * 45
+
+
 @pytest.mark.parametrize("p_rotate", [0.0, 1.0])
 def test_augmentation_moves_image_and_labels_of_all_slices_together(p_rotate):
     labels = torch.zeros(5, 32, 32, dtype=torch.long)
@@ -405,8 +411,28 @@ def test_cli_trains_from_nifti_files(tmp_path):
     assert model.metadata.class_names == ("disk", "box")
 
 
+def test_cli_options_override_the_recipe():
+    import argparse
+
+    from napari_masam.training import add_train_parser
+    from napari_masam.training.cli import config_from_args
+
+    parser = argparse.ArgumentParser()
+    add_train_parser(parser.add_subparsers())
+    args = parser.parse_args(["train", "-o", "out", "--poly-power", "0", "--lr", "3e-3"])
+    config = config_from_args(args)
+    assert (config.poly_power, config.lr) == (0.0, 3e-3)
+    assert config_from_args(parser.parse_args(["train", "-o", "out"])) == TrainingConfig()
+
+
 # ---------------------------------------------------------------------------------- learning
-def _lite_small(num_classes: int):
+# Both learning tests use the recipe's loss, AdamW (wd 0.1) and linear warm-up, then a constant
+# learning rate (poly_power=0) and no augmentation: the paper's power-7 decay leaves a run of a
+# few dozen steps almost no learning rate after its first steps (measured: tiny_train stalls at
+# Dice 0.41-0.77 with power 7 where the constant rate reaches 0.98). Held out: whole slabs.
+# Measured with three seeds (phantom noise, model init and data order) before fixing seed 0:
+# tiny_train 0.98/1.00, 0.99/1.00, 0.98/1.00; MA-SAM-Lite 0.99/1.00, 0.98/0.99, 0.98/0.95.
+def _lite_small(num_classes: int, seed: int = 0):
     """MA-SAM-Lite with the embedded LiteMedSAM weights, fed 64 px inputs (CPU test budget).
 
     TinyViT's weights do not depend on the input size, so the pretrained backbone, prompt encoder
@@ -421,16 +447,24 @@ def _lite_small(num_classes: int):
         "num_classes": num_classes,
     }
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
+        torch.manual_seed(seed)
         return build_lite_from_config("masam-lite", config, load_base_weights=True)
 
 
+def _independent_dice(model, case: TrainingCase) -> np.ndarray:
+    """Per-class Dice of automatic mode on ``case``, counted here (not by evaluate_cases)."""
+    from napari_masam.inference import iter_segment_automatic, run
+
+    seg = run(iter_segment_automatic(model, case.image, stride=model.slices_per_group))
+    truth = np.asarray(case.labels)
+    out = []
+    for c in (1, 2):
+        p, t = np.asarray(seg.labels) == c, truth == c
+        out.append(2.0 * np.logical_and(p, t).sum() / (p.sum() + t.sum()))
+    return np.array(out)
+
+
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=False,
-    reason="not yet reliable in a CPU test budget: one 10-step run reached Dice 0.945/0.887, "
-    "others with the same budget 0.76/0.32 and 0.00/0.53 (issue 8 left open on this point)",
-)
 def test_masam_lite_learns_the_phantom():
     image, labels = make_phantom(depth=20)
     model = _lite_small(2)
@@ -438,36 +472,49 @@ def test_masam_lite_learns_the_phantom():
     train_cases, val_cases = split_cases([TrainingCase(image, labels, "ph")], 0.5, 5, seed=0)
     assert [c.name for c in val_cases] == ["ph[5:10]", "ph[15:20]"]
     before = evaluate_cases(model, val_cases)
-    assert np.nanmax(before) < 0.5
-    # the recipe's loss, AdamW (lr 8e-4, wd 0.1) and warm-up, then a constant rate: the
-    # power-7 decay leaves a 10-step run almost no learning rate after its first steps
+    assert np.nanmax(before) < 0.5, before
+    # 10 training groups, batch 1: 20 steps at the recipe's lr 8e-4 (~35 s on 2 cores)
     config = TrainingConfig(
-        epochs=2, batch_size=2, warmup_steps=2, poly_power=0.0, augment=False, val_every_epochs=2
+        epochs=2,
+        batch_size=1,
+        warmup_steps=2,
+        poly_power=0.0,
+        augment=False,
+        val_every_epochs=2,
+        seed=0,
     )
     result = train(model, train_cases, config, val_cases=val_cases, device="cpu")
     after = np.array(list(result.best_val_dice.values()))
+    assert result.best_epoch == 2 and len(result.step_losses) == 20
     assert np.all(after > 0.9), after
+    # the trained model's own automatic segmentation of one held-out slab, Dice counted here
+    assert np.all(_independent_dice(result.model, val_cases[0]) > 0.9)
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=False,
-    reason="a random frozen tiny ViT learns slowly: 300 steps at lr 3e-3 reached loss 0.29 and "
-    "Dice 0.55/0.45; 90 steps are not enough (issue 8 left open on this point)",
-)
 def test_tiny_vit_masam_learns_the_phantom(phantom_case):
-    # A random, frozen tiny ViT is a poor backbone (nothing pretrained): it learns, but slowly
-    # and to a lower plateau than a pretrained one; this checks clear learning, not a final Dice.
-    model = build_training_model("tiny", 2, seed=0)
+    # A random frozen ViT (nothing pretrained) with a 16 x 16 token grid (tiny_train); the
+    # 4 x 4 grid of "tiny" needs 75-150 steps to pass Dice 0.9 instead of 30-45.
+    model = build_training_model("tiny_train", 2, seed=0)
+    assert model.config.grid_size == 16
     val = [TrainingCase(phantom_case.image[5:10], phantom_case.labels[5:10], "val")]
-    before = evaluate_cases(model, val)
-    assert np.nanmean(before) < 0.5
-    # 5 training groups, batch 2: 30 epochs = 90 steps, validated once at the end
-    config = TrainingConfig(
-        epochs=30, batch_size=2, warmup_steps=5, lr=3e-3, augment=False, val_every_epochs=30
-    )
     train_case = [TrainingCase(phantom_case.image[:5], phantom_case.labels[:5], "train")]
+    before = evaluate_cases(model, val)
+    assert np.nanmax(before) < 0.5, before
+    # 5 training groups, batch 2: 20 epochs = 60 steps (~8 s), validated once at the end
+    config = TrainingConfig(
+        epochs=20,
+        batch_size=2,
+        warmup_steps=5,
+        lr=3e-3,
+        poly_power=0.0,
+        augment=False,
+        val_every_epochs=20,
+        seed=0,
+    )
     result = train(model, train_case, config, val_cases=val, device="cpu")
-    losses = result.step_losses
-    assert np.mean(losses[-10:]) < 0.7 * np.mean(losses[:10])
-    assert result.best_mean_dice > np.nanmean(before) + 0.2
+    after = np.array(list(result.best_val_dice.values()))
+    assert len(result.step_losses) == 60
+    assert np.mean(result.step_losses[-5:]) < 0.2 * np.mean(result.step_losses[:5])
+    assert np.all(after > 0.9), after
+    assert _independent_dice(result.model, val[0]) == pytest.approx(after, abs=1e-12)

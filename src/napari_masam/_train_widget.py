@@ -325,21 +325,14 @@ class TrainWidget(Container):
 
     def offer_to_segmentation_widget(self, path: Path) -> bool:
         """Select ``path`` as the model of an open segmentation widget; True if one was found."""
-        from ._widget import CHECKPOINT_CHOICE, MASAMWidget
+        from ._widget import MASAMWidget
 
         window = getattr(self.viewer, "window", None)
         docks = getattr(window, "dock_widgets", {}) if window is not None else {}
         for widget in list(docks.values()):
-            if not isinstance(widget, MASAMWidget):
-                continue
-            use = getattr(widget, "use_checkpoint", None)
-            if callable(use):
-                use(path)
-            else:
-                widget._model.value = CHECKPOINT_CHOICE
-                widget._checkpoint.value = path
-                widget._masam_checkpoint.value = None
-            return True
+            if isinstance(widget, MASAMWidget):
+                widget.use_checkpoint(path)
+                return True
         return False
 
     # -- internals ------------------------------------------------------------------------

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -82,3 +84,50 @@ def test_bad_labels_are_reported_before_any_worker(two_widgets) -> None:
     assert trainer.run() is None
     assert trainer.worker is None
     assert "do not match" in trainer._status.value
+
+
+def _automatic_enabled(segment) -> bool:
+    from qtpy.QtWidgets import QRadioButton
+
+    (button,) = [
+        b for b in segment._mode.native.findChildren(QRadioButton) if b.text() == "automatic"
+    ]
+    return button.isEnabled()
+
+
+def test_use_checkpoint_selects_the_file_and_drops_the_loaded_session(
+    two_widgets, tmp_path
+) -> None:
+    from napari_masam._widget import CHECKPOINT_CHOICE
+
+    _viewer, segment, trainer = two_widgets
+    path = tmp_path / "best.safetensors"
+    path.write_bytes(b"")
+    segment.use_checkpoint(path, masam_checkpoint=tmp_path / "adapters.pth")
+    assert segment._model.value == CHECKPOINT_CHOICE
+    assert Path(segment._checkpoint.value) == path
+    assert Path(segment._masam_checkpoint.value) == tmp_path / "adapters.pth"
+    # a loaded box-only model greys out automatic mode
+    box_only = SimpleNamespace(
+        slices_per_group=1,
+        supports_automatic=False,
+        metadata=SimpleNamespace(name="old", intensity_preset="minmax"),
+    )
+    session = SimpleNamespace(model=box_only, device=SimpleNamespace(type="cpu"))
+    segment.set_session(session)
+    assert segment.session is session and not _automatic_enabled(segment)
+    # the same file name again (a retrained model): the old session must not be reused
+    assert trainer.offer_to_segmentation_widget(path) is True
+    assert segment.session is None
+    assert _automatic_enabled(segment)
+    assert segment._model.value == CHECKPOINT_CHOICE and Path(segment._checkpoint.value) == path
+    assert segment._masam_checkpoint.value is None
+
+
+def test_offer_without_a_segmentation_widget_returns_false(make_napari_viewer, tmp_path) -> None:
+    from napari_masam._train_widget import TrainWidget
+
+    viewer = make_napari_viewer()
+    trainer = TrainWidget(viewer)
+    viewer.window.add_dock_widget(trainer, name="Fine-tune")
+    assert trainer.offer_to_segmentation_widget(tmp_path / "best.safetensors") is False

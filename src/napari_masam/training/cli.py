@@ -66,6 +66,12 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float)
     p.add_argument("--weight-decay", type=float)
     p.add_argument("--warmup-steps", type=int)
+    p.add_argument(
+        "--poly-power",
+        type=float,
+        help="decay exponent after the warm-up (recipe: 7; 0 = constant, 1 = linear, which "
+        "suit short runs)",
+    )
     p.add_argument("--val-fraction", type=float)
     p.add_argument("--slab-thickness", type=int)
     p.add_argument("--empty-group-share", type=float)
@@ -86,6 +92,7 @@ _OPTION_FIELDS = (
     "lr",
     "weight_decay",
     "warmup_steps",
+    "poly_power",
     "val_fraction",
     "slab_thickness",
     "empty_group_share",
@@ -192,7 +199,8 @@ def run_train(args: argparse.Namespace) -> int:
                 dice = ", ".join(f"{k} {v:.3f}" for k, v in (progress.val_dice or {}).items())
                 out.write(
                     f"\nepoch {progress.epoch}: mean loss {progress.loss:.4f}, validation Dice "
-                    f"{dice} (mean {progress.val_mean_dice:.3f}, best {progress.best_mean_dice:.3f})\n"
+                    f"{dice} (mean {progress.val_mean_dice:.3f}, "
+                    f"best {progress.best_mean_dice:.3f})\n"
                 )
             out.flush()
     except StopIteration as stop:

@@ -279,9 +279,9 @@ def split_cases(
     With two or more cases, ``round(val_fraction * n)`` (at least 1, at most n - 1) randomly
     chosen cases are held out. With a single case the stack is cut into slabs of
     ``slab_thickness`` slices and every k-th slab (``k = round(1 / val_fraction)``, starting with
-    the k-th; the last slab when there are fewer than k) is held out; each slab becomes its own case, so a training group never reaches
-    into a validation slab (its ends are replicate-padded instead) and validation slices are never
-    seen during training.
+    the k-th; the last slab when there are fewer than k) is held out; each slab becomes its own
+    case, so a training group never reaches into a validation slab (its ends are
+    replicate-padded instead) and validation slices are never seen during training.
 
     Raises
     ------

@@ -365,8 +365,10 @@ def build_training_model(
     ----------
     backbone : str
         ``"masam-lite"`` (embedded LiteMedSAM + zero-init adapters; trainable on a CPU),
-        ``"tiny"`` (random tiny MA-SAM, tests) or ``"vit_b"``/``"vit_l"``/``"vit_h"`` (from
-        ``sam_checkpoint``, optionally with the authors' ``masam_checkpoint`` on top).
+        ``"tiny"`` / ``"tiny_train"`` (random tiny MA-SAMs, tests; ``tiny_train`` has a finer
+        token grid and learns a phantom in a few dozen steps) or ``"vit_b"``/``"vit_l"``/
+        ``"vit_h"`` (from ``sam_checkpoint``, optionally with the authors' ``masam_checkpoint``
+        on top).
     num_classes : int
         C foreground classes.
     sam_checkpoint, masam_checkpoint : path or None
@@ -399,10 +401,10 @@ def build_training_model(
             from ..model.lite import build_masam_lite
 
             model = build_masam_lite(num_classes=num_classes, device="cpu", **changes)
-        elif backbone == "tiny":
+        elif backbone in ("tiny", "tiny_train"):
             from ..model.masam import build_masam
 
-            model = build_masam("tiny", num_classes=num_classes, **changes)
+            model = build_masam(backbone, num_classes=num_classes, **changes)
         elif backbone in ("vit_b", "vit_l", "vit_h"):
             if sam_checkpoint is None:
                 raise ValueError(
@@ -648,7 +650,8 @@ def _check_model_for(model: SegmentationModel, num_classes: int, config: Trainin
             raise ValueError(f"{model.metadata.name} does not take box prompts.")
         if num_classes != 1:
             raise ValueError(
-                f"Box-prompt training segments one object per box: declare 1 class, not {num_classes}."
+                "Box-prompt training segments one object per box: declare 1 class, not "
+                f"{num_classes}."
             )
     elif not model.supports_automatic:
         raise ValueError(
