@@ -216,7 +216,9 @@ def test_minmax_volume_step_is_redundant_before_the_group_step() -> None:
     rng = np.random.default_rng(3)
     stack = rng.integers(-1000, 3000, size=(5, 17, 23)).astype(np.int16)
     window = volume_window(stack, preset)
-    with_window = normalize_group(np.stack([normalize_slice(s, preset, window) for s in stack]), preset)
+    with_window = normalize_group(
+        np.stack([normalize_slice(s, preset, window) for s in stack]), preset
+    )
     without = normalize_group(np.stack([normalize_slice(s, preset, None) for s in stack]), preset)
     np.testing.assert_allclose(without, with_window, atol=1e-6)
     assert without.min() == 0.0 and without.max() == 1.0
