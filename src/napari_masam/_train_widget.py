@@ -98,6 +98,10 @@ class LossPlot(QWidget):
 
 def _train_job(job: dict[str, Any]) -> Generator[Any, None, Any]:
     """Worker body: build the model, then drive :func:`iter_train` (closing it on abort)."""
+    from . import _worker
+
+    # torch/torchvision must come in through the guard (triton's LLVM vs Mesa's, see _worker)
+    _worker.import_core()
     from .training import build_training_model, iter_train
 
     model = build_training_model(

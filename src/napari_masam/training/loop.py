@@ -27,7 +27,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..io._common import atomic_path
 from ..model.base import DISPLAY_ORIENTATION, SegmentationModel
+from ..palette import label_colors
 from .config import BACKBONES, TrainingConfig
 from .data import TrainingCase, check_cases, select_groups, split_cases
 
@@ -40,11 +42,6 @@ AUTHORS_NAME = "best_authors.pth"
 STATE_NAME = "resume.pt"
 HISTORY_NAME = "history.json"
 STATE_FORMAT = "napari-masam-train-state/1"
-
-_PALETTE = (
-    "#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#46f0f0", "#f032e6", "#bcf60c",
-    "#fabebe", "#008080", "#e6beff", "#9a6324", "#fffac8", "#800000", "#aaffc3", "#808000",
-)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------
@@ -579,17 +576,15 @@ def _fingerprint(cases: Sequence[TrainingCase]) -> str:
 
 
 def _atomic_torch_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def _save_model(model: SegmentationModel, path: Path) -> None:
     from ..checkpoints import save_checkpoint
 
-    tmp = path.with_name(path.stem + ".tmp" + path.suffix)
-    save_checkpoint(model, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_checkpoint(model, tmp)
 
 
 def _stamp_metadata(
@@ -602,9 +597,7 @@ def _stamp_metadata(
 ) -> None:
     """Record class names, colours, preprocessing and the run on ``model.metadata``."""
     base = model.metadata
-    colors = config.class_colors or tuple(
-        _PALETTE[i % len(_PALETTE)] for i in range(len(class_names))
-    )
+    colors = config.class_colors or label_colors(len(class_names))
     provenance = dict(base.provenance)
     provenance.setdefault("fine_tuned_from", base.name)
     provenance["training"] = {"config": config.to_dict(), **extra}
