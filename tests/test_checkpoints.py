@@ -468,3 +468,41 @@ def test_key_renaming_inverts(vit_b):
     for key in vit_b.state_dict():
         assert ckpt.from_authors_key(ckpt.to_authors_key(key)) == key
         assert ckpt.from_authors_key(ckpt.to_authors_key(key, saved=True)) == key
+
+
+@pytest.mark.slow
+def test_registry_builds_full_vit_b_from_a_sam_and_an_authors_file(vit_b, tmp_path):
+    """The user's path: two files, one registry name, nothing else."""
+    import segment_anything
+
+    from napari_masam.model.registry import build_model
+
+    torch.manual_seed(7)
+    sam = segment_anything.sam_model_registry["vit_b"]()  # Meta's layout at 1024 px (64 x 64)
+    sam_state = sam.state_dict()
+    del sam
+    sam_path = tmp_path / "sam_vit_b_01ec64.pth"
+    torch.save(sam_state, sam_path)
+    with torch.no_grad():  # trained-looking parts: non-zero FacT V so the file matters
+        vit_b.image_encoder.fact.v.weight.normal_(std=0.02)
+    masam_path = ckpt.save_authors_checkpoint(vit_b, tmp_path / "masam_vit_b.pth")
+
+    model = build_model(
+        "masam_vit_b", sam_checkpoint=sam_path, masam_checkpoint=masam_path, device="cpu"
+    )
+    assert isinstance(model, MASAM) and model.num_classes == 12
+    assert sum(p.numel() for p in model.parameters()) == 117_421_209
+    state = model.state_dict()
+    # frozen parts come from SAM (fused qkv renamed into FacT's wrapper) ...
+    for key in ("image_encoder.blocks.3.mlp.lin1.weight", "image_encoder.blocks.0.attn.qkv.weight"):
+        torch.testing.assert_close(
+            state[ckpt.sam_key_to_masam(key)], sam_state[key], rtol=0, atol=0
+        )
+    # ... resized to the 32 x 32 grid of 512 px inputs: pos_embed and global rel_pos only
+    assert state["image_encoder.pos_embed"].shape == (1, 32, 32, 768)
+    assert state["image_encoder.blocks.2.attn.rel_pos_h"].shape == (63, 64)
+    assert state["image_encoder.blocks.0.attn.rel_pos_h"].shape == (27, 64)
+    # ... and the trained parts come from the authors' file
+    authors = torch.load(masam_path, map_location="cpu", weights_only=True)
+    for key, value in authors.items():
+        torch.testing.assert_close(state[ckpt.from_authors_key(key)], value, rtol=0, atol=0)
