@@ -202,27 +202,11 @@ MASAM_CONFIGS: dict[str, MASAMConfig] = {
         adapter_width=16,
         fact_rank=4,
     ),
-    # "tiny" with 4 px patches: a 16 x 16 token grid (two 8 x 8 windows per side) and a
-    # two-stage x4 decoder ending in 8 channels. tiny's 4 x 4 grid and x16 decoder (2 channels
-    # at the end) also learns the fine-tuning tests' 64 px phantom, but needs 75-150 steps to
-    # pass Dice 0.9 where this one needs 30-45 (3 seeds, constant learning rate 3e-3).
-    "tiny_train": MASAMConfig(
-        name="tiny_train",
-        embed_dim=32,
-        depth=3,
-        num_heads=2,
-        global_attn_indexes=(2,),
-        window_size=8,
-        image_size=64,
-        patch_size=4,
-        prompt_embed_dim=64,
-        mask_in_chans=8,
-        decoder_depth=2,
-        decoder_heads=8,
-        decoder_mlp_dim=64,
-        iou_head_hidden_dim=32,
-        num_classes=3,
-        adapter_width=16,
-        fact_rank=4,
-    ),
 }
+# "tiny" with 4 px patches: a 16 x 16 token grid (two 8 x 8 windows per side) and a two-stage
+# x4 decoder ending in 8 channels. tiny's 4 x 4 grid and x16 decoder (2 channels at the end)
+# also learns the fine-tuning tests' 64 px phantom, but needs 75-150 steps to pass Dice 0.9
+# where this one needs 30-45 (3 seeds, constant learning rate 3e-3).
+MASAM_CONFIGS["tiny_train"] = dataclasses.replace(
+    MASAM_CONFIGS["tiny"], name="tiny_train", patch_size=4, window_size=8
+)
