@@ -12,6 +12,7 @@ Importing this module does not import torch (napari's startup stays fast).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Generator
@@ -104,6 +105,9 @@ def _train_job(job: dict[str, Any]) -> Generator[Any, None, Any]:
     _worker.import_core()
     from .training import build_training_model, iter_train
 
+    # read lazily held images (a video decodes here, not on the GUI thread)
+    cases = [dataclasses.replace(c, image=np.asarray(c.image)) for c in job["cases"]]
+
     model = build_training_model(
         job["backbone"],
         job["num_classes"],
@@ -113,7 +117,7 @@ def _train_job(job: dict[str, Any]) -> Generator[Any, None, Any]:
     )
     gen = iter_train(
         model,
-        job["cases"],
+        cases,
         job["config"],
         output_dir=job["output_dir"],
         device=job["device"],
@@ -291,7 +295,8 @@ class TrainWidget(Container):
         data = np.asarray(labels.data[0] if labels.multiscale else labels.data)
         if info.is_2d:
             data = data[np.newaxis]
-        return [TrainingCase(np.asarray(info.stack), data, image.name)]
+        # the image stays lazy here: reading it (decoding a video) happens in the worker
+        return [TrainingCase(info.stack, data, image.name)]
 
     def run(self) -> Any:
         """Check the inputs (errors shown at once), then start training in a worker."""

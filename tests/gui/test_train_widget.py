@@ -131,3 +131,16 @@ def test_offer_without_a_segmentation_widget_returns_false(make_napari_viewer, t
     trainer = TrainWidget(viewer)
     viewer.window.add_dock_widget(trainer, name="Fine-tune")
     assert trainer.offer_to_segmentation_widget(tmp_path / "best.safetensors") is False
+
+
+def test_lazy_images_are_read_in_the_worker_not_on_the_gui_thread(two_widgets) -> None:
+    import dask.array as da
+
+    viewer, _segment, trainer = two_widgets
+    image, labels = _phantom(depth=6)
+    lazy = da.from_array(image, chunks=(1, 64, 64))  # as a video layer holds its frames
+    trainer._image.value = viewer.add_image(lazy, name="lazy")
+    trainer._labels.value = viewer.add_labels(labels, name="lazy labels")
+    (case,) = trainer.cases()
+    assert not isinstance(case.image, np.ndarray)  # nothing decoded on the GUI thread
+    np.testing.assert_array_equal(np.asarray(case.image), image)
