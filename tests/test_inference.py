@@ -441,3 +441,149 @@ def test_box_run_with_minmax_reads_only_the_windows_it_needs(model) -> None:
     # and the same labels as with the whole volume in memory
     expected = run(iter_segment_boxes(model, vol, boxes, preset="minmax")).labels
     np.testing.assert_array_equal(result.labels, expected)
+
+
+# -- box mode, tiled groups --------------------------------------------------------------------
+def reference_boxes_tiled(model, vol, boxes) -> np.ndarray:
+    """Non-overlapping groups 0..D-1, D..2D-1, ... (the last replicate-padded at the end), each
+    encoded whole; every boxed slice decoded from its row in its group."""
+    depth, group = len(vol), model.slices_per_group
+    out = np.zeros(vol.shape, np.uint8)
+    clipped = np.clip(vol.astype(np.float32), LOW, HIGH)
+    slices = sorted({z for per in boxes.values() for z in per})
+    for z in slices:
+        start, row = z - z % group, z % group
+        g = clipped[[min(start + d, depth - 1) for d in range(group)]]
+        g = (g - g.min()) / (g.max() - g.min())
+        x = torch.from_numpy(np.repeat(g[:, None], 3, axis=1))[None]
+        ids = [oid for oid in boxes if z in boxes[oid]]
+        b = torch.tensor([boxes[oid][z] for oid in ids], dtype=torch.float32)
+        with torch.inference_mode():
+            emb = model.encode(x)[row : row + 1]
+            fg = 1 - model.decode(emb.expand(len(ids), -1, -1, -1), b).softmax(dim=1)[:, 0]
+        best, arg = fg.max(dim=0)
+        out[z] = np.where(best.numpy() > 0.5, np.array(ids)[arg.numpy()], 0)
+    return out
+
+
+def _subset_boxes(depth: int) -> dict[int, dict[int, tuple[int, int, int, int]]]:
+    """Object 1 on the first, a middle and the last slice; object 2 on every third slice."""
+    return {
+        1: {z: (5, 5, 45, 40) for z in sorted({0, depth // 2, depth - 1})},
+        2: {z: (20, 15, 63, 60) for z in range(0, depth, 3)},
+    }
+
+
+@pytest.mark.parametrize("batch_size", [1, 2])
+@pytest.mark.parametrize("depth", [1, 4, 5, 7, 12])
+def test_tiled_boxes_equal_bruteforce(model, depth, batch_size) -> None:
+    vol = ct_volume(depth, seed=20 + depth)
+    boxes = _subset_boxes(depth)
+    gen = iter_segment_boxes(
+        model, vol, boxes, preset="ct_abdomen", windows="tiled", batch_size=batch_size
+    )
+    seen = []
+    while True:
+        try:
+            seen.append(next(gen))
+        except StopIteration as stop:
+            result = stop.value
+            break
+    expected = reference_boxes_tiled(model, vol, boxes)
+    boxed = sorted({z for per in boxes.values() for z in per})
+    assert [p.slice_index for p in seen] == boxed  # stack order, one per boxed slice
+    np.testing.assert_array_equal(result.labels, expected)
+    assert {1, 2} <= set(np.unique(expected))  # not vacuous
+    for p in seen:
+        np.testing.assert_array_equal(p.labels_slice, expected[p.slice_index])
+    # one encode per group holding a boxed slice
+    assert result.timings["windows_encoded"] == len({z // 5 for z in boxed})
+    if depth == 12:  # the groups differ from the centred windows, and so do the labels
+        centred = run(iter_segment_boxes(model, vol, boxes, preset="ct_abdomen")).labels
+        np.testing.assert_array_equal(centred, reference_boxes(model, vol, boxes))
+        assert not np.array_equal(centred, expected)
+
+
+def _count_encoded_slices(model, monkeypatch) -> list[int]:
+    """Wrap ``model.encode``: the list gets the number of slices of every call."""
+    calls: list[int] = []
+    encode = model.encode
+
+    def counting(images):
+        calls.append(images.shape[0] * images.shape[1])
+        return encode(images)
+
+    monkeypatch.setattr(model, "encode", counting, raising=False)
+    return calls
+
+
+def test_tiled_encodes_each_group_once(monkeypatch) -> None:
+    model = tiny_masam()
+    group = model.slices_per_group
+    vol = ct_volume(12, seed=5)
+    boxed = list(range(1, 11))  # 10 consecutive slices
+    boxes = {1: {z: (8, 8, 50, 50) for z in boxed}}
+    calls = _count_encoded_slices(model, monkeypatch)
+    centred = run(iter_segment_boxes(model, vol, boxes, preset="ct_abdomen", batch_size=1))
+    centred_calls = list(calls)
+    calls.clear()
+    tiled = run(
+        iter_segment_boxes(model, vol, boxes, preset="ct_abdomen", batch_size=1, windows="tiled")
+    )
+    assert centred_calls == [group] * len(boxed)  # one window of D slices per boxed slice
+    n_groups = len({z // group for z in boxed})  # groups 0-4, 5-9, 10-14 (10, 11, 11, 11, 11)
+    assert n_groups == 3 and calls == [group] * n_groups
+    assert sum(calls) <= len(boxed) + 2 * group and sum(calls) * 3 < sum(centred_calls)
+    assert tiled.timings["windows_encoded"] == n_groups
+    assert centred.timings["windows_encoded"] == len(boxed)
+
+
+def test_tiled_groups_share_cache_entries_by_position(model) -> None:
+    from napari_masam.cache import EmbeddingCache
+
+    vol = ct_volume(9, seed=6)
+    cache = EmbeddingCache()
+    first = run(
+        iter_segment_boxes(
+            model, vol, {1: {1: (5, 5, 40, 40)}}, preset="ct_abdomen", cache=cache, windows="tiled"
+        )
+    )
+    assert first.timings["windows_encoded"] == 1 and len(cache) == 5  # all rows of group 0-4
+    again = run(
+        iter_segment_boxes(
+            model,
+            vol,
+            {2: {0: (1, 1, 30, 30), 4: (9, 9, 60, 60)}},
+            preset="ct_abdomen",
+            cache=cache,
+            windows="tiled",
+        )
+    )
+    assert again.timings["windows_encoded"] == 0 and again.timings["cache_hits"] == 1
+    # the centred window of slice 2 is the tiled group 0-4 (row 2): a hit ...
+    hit = run(
+        iter_segment_boxes(model, vol, {1: {2: (5, 5, 40, 40)}}, preset="ct_abdomen", cache=cache)
+    )
+    assert hit.timings["windows_encoded"] == 0
+    # ... the centred window of slice 3 (slices 1-5) is another position: encoded
+    miss = run(
+        iter_segment_boxes(model, vol, {1: {3: (5, 5, 40, 40)}}, preset="ct_abdomen", cache=cache)
+    )
+    assert miss.timings["windows_encoded"] == 1
+
+
+def test_single_slice_model_tiled_equals_centred() -> None:
+    model = tiny_masam(group=1, seed=3)
+    vol = ct_volume(6, seed=7)
+    boxes = _subset_boxes(6)
+    centred = run(iter_segment_boxes(model, vol, boxes, preset="ct_abdomen"))
+    tiled = run(iter_segment_boxes(model, vol, boxes, preset="ct_abdomen", windows="tiled"))
+    np.testing.assert_array_equal(tiled.labels, centred.labels)
+    assert {1, 2} <= set(np.unique(tiled.labels))
+    boxed = {z for per in boxes.values() for z in per}
+    assert tiled.timings["windows_encoded"] == centred.timings["windows_encoded"] == len(boxed)
+
+
+def test_unknown_box_windows_rejected(model) -> None:
+    with pytest.raises(ValueError, match="windows must be one of"):
+        run(iter_segment_boxes(model, ct_volume(3), {1: {0: (1, 1, 9, 9)}}, windows="sliding"))

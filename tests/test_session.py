@@ -75,3 +75,15 @@ def test_from_source_unknown(tmp_path) -> None:
     pytest.importorskip("napari_masam.checkpoints")
     with pytest.raises(FileNotFoundError):
         SegmentationSession.from_source(tmp_path / "nope.safetensors", device="cpu")
+
+
+def test_session_passes_box_windows_through(model) -> None:
+    session = SegmentationSession(model, "cpu")
+    vol = volume()
+    boxes = {1: {z: (10, 10, 50, 50) for z in range(1, 7)}}
+    tiled = session.segment_boxes(vol, boxes, preset="ct_abdomen", windows="tiled")
+    direct = run(iter_segment_boxes(model, vol, boxes, preset="ct_abdomen", windows="tiled"))
+    np.testing.assert_array_equal(tiled.labels, direct.labels)
+    assert tiled.timings["windows_encoded"] == 2  # groups 0-4 and 5-6 (padded)
+    centred = run(session.iter_boxes(vol, boxes, preset="ct_abdomen", cache=EmbeddingCache()))
+    assert centred.timings["windows_encoded"] == 6

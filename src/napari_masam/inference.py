@@ -61,6 +61,9 @@ T = TypeVar("T")
 #: Upper bound of the automatic batch size (windows per forward pass).
 MAX_BATCH_WINDOWS = 32
 
+#: Values of ``iter_segment_boxes(windows=...)``: which group each boxed slice is encoded in.
+BOX_WINDOWS = ("centred", "tiled")
+
 
 # ----------------------------------------------------------------------------------------------
 # Public records
@@ -474,6 +477,25 @@ def _check_model(model: Any) -> None:
         )
 
 
+def _start_engine(
+    mode: str, model: Any, stack: Any, num_threads: int | None, **engine_kwargs: Any
+) -> _Engine:
+    """The shared preamble of both modes: check the model can run ``mode`` (``"automatic"`` or
+    ``"boxes"``) and build the run's :class:`_Engine` under the run's torch thread count."""
+    _check_model(model)
+    if mode == "automatic" and not model.supports_automatic:
+        raise ValueError(
+            f"Model {model.metadata.name!r} has no automatic (prompt-free) head; use box prompts "
+            "(iter_segment_boxes) or a multi-class MA-SAM checkpoint."
+        )
+    if mode == "boxes" and not model.supports_boxes:
+        raise ValueError(
+            f"Model {model.metadata.name!r} does not take box prompts; use automatic mode."
+        )
+    with _torch_threads(num_threads):
+        return _Engine(model, stack, **engine_kwargs)
+
+
 # ----------------------------------------------------------------------------------------------
 # Automatic mode
 # ----------------------------------------------------------------------------------------------
@@ -575,24 +597,19 @@ def iter_segment_automatic(
     """
     import torch
 
-    _check_model(model)
-    if not model.supports_automatic:
-        raise ValueError(
-            f"Model {model.metadata.name!r} has no automatic (prompt-free) head; use box prompts "
-            "(iter_segment_boxes) or a multi-class MA-SAM checkpoint."
-        )
     t_start = time.perf_counter()
-    with _torch_threads(num_threads):
-        eng = _Engine(
-            model,
-            stack,
-            preset=preset,
-            device=device,
-            cache=cache,
-            stack_orientation=stack_orientation,
-            batch_size=batch_size,
-            autocast=autocast,
-        )
+    eng = _start_engine(
+        "automatic",
+        model,
+        stack,
+        num_threads,
+        preset=preset,
+        device=device,
+        cache=cache,
+        stack_orientation=stack_orientation,
+        batch_size=batch_size,
+        autocast=autocast,
+    )
     depth, group, front = eng.depth, eng.group, eng.front
     starts = window_starts(depth, group, int(stride))
     dtype = label_dtype_for(model.num_classes)
@@ -725,6 +742,7 @@ def iter_segment_boxes(
     threshold: float = 0.5,
     autocast: bool = True,
     num_threads: int | None = None,
+    windows: str = "centred",
 ) -> Generator[Progress, None, SegmentationResult]:
     """Box-prompted segmentation: one label per object on every slice that has its box.
 
@@ -743,17 +761,28 @@ def iter_segment_boxes(
         Embeddings of each slice are looked up here first and stored after encoding, so further
         boxes on the same stack run only the decoder.
     batch_size : int or None
-        Slices encoded per forward pass.
+        Groups (windows) encoded per forward pass.
     threshold : float
         Foreground probability above which a pixel belongs to an object.
+    windows : {"centred", "tiled"}
+        Which group of D slices each boxed slice is encoded in (see Notes). ``"centred"``
+        (default) costs D slice encodes per boxed slice, ``"tiled"`` about one.
 
     Notes
     -----
-    Group choice for D > 1 models: slice ``z`` is encoded in the window centred on it
-    (slices ``z - (D-1)//2 .. z + D//2``, replicate-padded at the stack ends, intensities
-    normalised per group) -- the same window the automatic mode's stride-1 pass runs, so its
-    embeddings are shared through the cache -- and only the row of ``z`` is decoded with the
-    box. The object probability is ``1 - p(background)`` (``sigmoid(x)`` for a binary
+    Group choice for D > 1 models. ``"centred"`` (default): slice ``z`` is encoded in the
+    window centred on it (slices ``z - (D-1)//2 .. z + D//2``, replicate-padded at the stack
+    ends, intensities normalised per group) -- the same window the automatic mode's stride-1
+    pass runs, so its embeddings are shared through the cache -- and only the row of ``z`` is
+    decoded with the box. It is the default because every slice then sees both its neighbours,
+    as in the authors' training (a slice at the edge of a group is never the centre there).
+    ``"tiled"``: the stack is cut into non-overlapping groups ``0..D-1, D..2D-1, ...`` in the
+    model's slice order (stack order unless the orientation reverses the slice axis), the last
+    one replicate-padded at the end as the automatic mode pads; each group holding a boxed
+    slice is encoded once and every boxed slice is decoded from its row there, so N consecutive
+    boxed slices cost about N slice encodes instead of N * D. Embeddings are cached per group
+    row under the group's slice contents and the row, so a tiled group and the automatic or
+    centred window with the same members share entries. The object probability is ``1 - p(background)`` (``sigmoid(x)`` for a binary
     ``[0, x]`` model), resampled bilinearly to the slice grid; where boxes of several objects
     overlap, the pixel goes to the object with the highest probability. Slices without a box are
     not yielded and stay 0 (``out`` keeps its contents there).
@@ -769,23 +798,21 @@ def iter_segment_boxes(
     """
     import torch
 
-    _check_model(model)
-    if not model.supports_boxes:
-        raise ValueError(
-            f"Model {model.metadata.name!r} does not take box prompts; use automatic mode."
-        )
+    if windows not in BOX_WINDOWS:
+        raise ValueError(f"windows must be one of {BOX_WINDOWS}, got {windows!r}.")
     t_start = time.perf_counter()
-    with _torch_threads(num_threads):
-        eng = _Engine(
-            model,
-            stack,
-            preset=preset,
-            device=device,
-            cache=cache,
-            stack_orientation=stack_orientation,
-            batch_size=batch_size,
-            autocast=autocast,
-        )
+    eng = _start_engine(
+        "boxes",
+        model,
+        stack,
+        num_threads,
+        preset=preset,
+        device=device,
+        cache=cache,
+        stack_orientation=stack_orientation,
+        batch_size=batch_size,
+        autocast=autocast,
+    )
     if not eng.transform.keeps_slice_axis:
         raise ValueError(
             "Box prompts need the stack's slice axis to be the model's slice axis; reorient "
@@ -796,33 +823,51 @@ def iter_segment_boxes(
     dtype = label_dtype_for(max(object_ids, default=0))
     target = eng.labels_target(out, keep_labels, dtype)
     total = len(per_slice)
-    depth, front = eng.depth, eng.front
-    slices = list(per_slice)
+    depth, front, group = eng.depth, eng.front, eng.group
+    # units: (padded window start, [(stack slice, row of that slice in the window), ...])
+    units: list[tuple[int, list[tuple[int, int]]]] = []
+    if windows == "centred":
+        wanted = [front]
+        for zs in per_slice:
+            units.append((eng.transform.slice_to_model(zs, depth), [(zs, front)]))
+    else:
+        wanted = list(range(group))
+        tiles: dict[int, list[tuple[int, int]]] = {}
+        for zs in per_slice:
+            z = eng.transform.slice_to_model(zs, depth)
+            tiles.setdefault(z - z % group, []).append((zs, z % group))
+        # padded start = tile start + front: members(start + front) = tile start .. + D - 1
+        units = sorted(((t + front, items) for t, items in tiles.items()), key=lambda u: u[1][0])
     done = 0
     was_training = model.training
     if was_training:
         model.eval()
     try:
-        for b in range(0, len(slices), eng.batch_size):
-            batch = slices[b : b + eng.batch_size]
-            oriented = [eng.transform.slice_to_model(zs, depth) for zs in batch]
-            windows = [eng.members(z) for z in oriented]  # window centred on z
+        for b in range(0, len(units), eng.batch_size):
+            batch = [item for _, items in units[b : b + eng.batch_size] for item in items]
+            groups = [eng.members(start) for start, _ in units[b : b + eng.batch_size]]
+            # row of each boxed slice in the (len(groups) * len(wanted)) embeddings
+            emb_rows = [
+                j * len(wanted) + wanted.index(r)
+                for j, (_, items) in enumerate(units[b : b + eng.batch_size])
+                for _, r in items
+            ]
             box_rows: list[np.ndarray] = []
             owners: list[int] = []
-            for i, zs in enumerate(batch):
+            for i, (zs, _) in enumerate(batch):
                 for _, box in per_slice[zs]:
                     b_or = eng.transform.box_to_model(box, eng.stack_shape[1:])
                     box_rows.append(boxes_to_model_frame(b_or[None], eng.info)[0])
-                    owners.append(i)
+                    owners.append(emb_rows[i])
             with _torch_threads(num_threads), eng.compute():
-                emb = eng.embeddings(windows, [front])  # B x E x g x g
+                emb = eng.embeddings(groups, wanted)  # B * len(wanted) x E x g x g
                 index = torch.as_tensor(owners, device=emb.device)
                 boxes_t = torch.from_numpy(np.stack(box_rows)).to(emb.device)
                 logits = eng.decode(emb.index_select(0, index), boxes_t)  # N x C+1 x h x w
                 fg = 1.0 - logits.float().softmax(dim=1)[:, :1]
                 fg = probabilities_to_grid(fg, eng.info)[:, 0].cpu()  # N x Y x X
-            for i, zs in enumerate(batch):
-                rows = [k for k, o in enumerate(owners) if o == i]
+            for i, (zs, _) in enumerate(batch):
+                rows = [k for k, o in enumerate(owners) if o == emb_rows[i]]
                 ids = np.array([oid for oid, _ in per_slice[zs]])
                 p = fg[rows]
                 best, arg = p.max(dim=0)
@@ -832,14 +877,8 @@ def iter_segment_boxes(
                     target[zs] = labels
                 done += 1
                 yield Progress(done, total, time.perf_counter() - t_start, zs, labels, "boxes")
-            following = slices[b + eng.batch_size : b + 2 * eng.batch_size]
-            eng.keep_only(
-                {
-                    m
-                    for zs in following
-                    for m in eng.members(eng.transform.slice_to_model(zs, depth))
-                }
-            )
+            following = units[b + eng.batch_size : b + 2 * eng.batch_size]
+            eng.keep_only({m for start, _ in following for m in eng.members(start)})
     finally:
         if was_training:
             model.train()

@@ -122,15 +122,22 @@ class SegmentationSession:
         self,
         stack: Any,
         boxes: Mapping[int, Mapping[int, Sequence[float]]],
+        *,
+        windows: str = "centred",
         **kwargs: Any,
     ) -> Generator[Progress, None, SegmentationResult]:
         """:func:`napari_masam.inference.iter_segment_boxes` with the session's cache (a second
-        box on the same stack runs only the decoder)."""
+        box on the same stack runs only the decoder).
+
+        ``windows``: ``"centred"`` (default; each boxed slice encoded in the group centred on
+        it, D slice encodes per boxed slice) or ``"tiled"`` (non-overlapping groups of D slices,
+        each encoded once: about one slice encode per boxed slice). Other keyword arguments go
+        to the engine."""
         from .inference import iter_segment_boxes
 
         kwargs.setdefault("device", self.device)
         kwargs.setdefault("cache", self.cache)
-        return iter_segment_boxes(self.model, stack, boxes, **kwargs)
+        return iter_segment_boxes(self.model, stack, boxes, windows=windows, **kwargs)
 
     def segment_automatic(self, stack: Any, **kwargs: Any) -> SegmentationResult:
         """Run :meth:`iter_automatic` to the end and return its result."""
