@@ -62,8 +62,8 @@ def test_trains_from_layers_plots_and_offers_the_model(qtbot, two_widgets, tmp_p
     trainer.trained.connect(paths.append)
     worker = trainer.run()
     assert worker is not None
-    with qtbot.waitSignal(worker.finished, timeout=RUN_TIMEOUT_MS):
-        pass
+    # the widget's own finished handler clears _worker (connected before the thread started)
+    qtbot.waitUntil(lambda: trainer._worker is None, timeout=RUN_TIMEOUT_MS)
     result = trainer.result
     assert result is not None and result.best_path == tmp_path / "run" / "best.safetensors"
     assert paths == [result.best_path]

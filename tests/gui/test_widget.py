@@ -33,9 +33,9 @@ def _open_nifti(viewer, path):
 def _run_and_wait(qtbot, widget):
     worker = widget.run()
     assert worker is not None, widget._status.value
-    with qtbot.waitSignal(worker.finished, timeout=RUN_TIMEOUT_MS):
-        pass
-    qtbot.waitUntil(lambda: widget.worker is None, timeout=5000)
+    # Wait on the widget's own finished handler (connected before the thread started): a
+    # worker that fails at once can emit `finished` before a waitSignal here could connect.
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=RUN_TIMEOUT_MS)
     return worker
 
 
@@ -196,9 +196,7 @@ def test_cancel_halfway_keeps_finished_slices_and_user_layer(
     worker.yielded.connect(on_progress)
     errored = []
     worker.errored.connect(errored.append)
-    with qtbot.waitSignal(worker.finished, timeout=RUN_TIMEOUT_MS):
-        pass
-    qtbot.waitUntil(lambda: widget.worker is None, timeout=5000)
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=RUN_TIMEOUT_MS)
     assert not errored
     n = image.data.shape[0]
     assert 2 <= len(streamed) < n, "cancel did not stop the run early"
