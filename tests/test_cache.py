@@ -10,17 +10,8 @@ import torch
 
 from napari_masam.cache import EmbeddingCache, hash_array, make_key, model_identity
 from napari_masam.inference import iter_segment_automatic, iter_segment_boxes, run
-
-masam_config = pytest.importorskip("napari_masam.model.config")
-masam = pytest.importorskip("napari_masam.model.masam")
-
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+from napari_masam.model import config as masam_config
+from napari_masam.model import masam
 
 
 def tiny(seed: int = 0):

@@ -39,14 +39,6 @@ TINY = MASAM_CONFIGS["tiny"]
 SAM_IMAGE = 2 * TINY.image_size  # fake SAM pretraining size: token grid 2x the model's
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def make_fake_sam(embed_dim: int = TINY.embed_dim, depth: int = TINY.depth, seed: int = 0) -> Sam:
     """segment-anything's Sam at tiny numbers, random weights everywhere (Meta's key layout)."""
     torch.manual_seed(seed)

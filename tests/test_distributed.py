@@ -5,16 +5,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import distributed  # the [distributed] extra; part of [testing]
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
 
 from napari_masam import batch, cli
-
-distributed = pytest.importorskip("distributed")
-
-from napari_masam import distributed as dist  # noqa: E402
+from napari_masam import distributed as dist
 
 
 @pytest.fixture(scope="module")

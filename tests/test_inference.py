@@ -23,23 +23,13 @@ from napari_masam.inference import (
     run,
     window_starts,
 )
+from napari_masam.model import config as masam_config
+from napari_masam.model import masam
 from napari_masam.model.base import ModelMetadata, SegmentationModel
 from napari_masam.preprocess import orientation_transform
 
-masam_config = pytest.importorskip("napari_masam.model.config")
-masam = pytest.importorskip("napari_masam.model.masam")
-
 S = masam_config.MASAM_CONFIGS["tiny"].image_size  # 64: slices of S x S need no resize
 LOW, HIGH = -200.0, 250.0  # ct_abdomen
-
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    # tiny models on a shared 2-core machine: one thread is ~10x faster than two under load
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 def tiny_masam(group: int = 5, seed: int = 0) -> SegmentationModel:
@@ -93,22 +83,29 @@ def reference_automatic(
     return mean.argmax(axis=1).astype(np.uint8)
 
 
-def reference_boxes(model, vol, boxes) -> np.ndarray:
-    """Centred window per boxed slice, decode the centre row with each object's box."""
+def reference_boxes(model, vol, boxes, windows: str = "centred") -> np.ndarray:
+    """Brute force: per boxed slice, encode its group, decode its row with each object's box.
+
+    ``"centred"``: the window centred on the slice (replicate-padded at both ends);
+    ``"tiled"``: groups 0..D-1, D..2D-1, ... (the last replicate-padded at the end).
+    """
     depth, group = len(vol), model.slices_per_group
-    front = (group - 1) // 2
     out = np.zeros(vol.shape, np.uint8)
     clipped = np.clip(vol.astype(np.float32), LOW, HIGH)
     slices = sorted({z for per in boxes.values() for z in per})
     for z in slices:
-        idx = [min(max(z - front + d, 0), depth - 1) for d in range(group)]
-        g = clipped[idx]
+        if windows == "centred":
+            row = (group - 1) // 2
+            start = z - row
+        else:
+            start, row = z - z % group, z % group
+        g = clipped[[min(max(start + d, 0), depth - 1) for d in range(group)]]
         g = (g - g.min()) / (g.max() - g.min())
         x = torch.from_numpy(np.repeat(g[:, None], 3, axis=1))[None]
         ids = [oid for oid in boxes if z in boxes[oid]]
         b = torch.tensor([boxes[oid][z] for oid in ids], dtype=torch.float32)
         with torch.inference_mode():
-            emb = model.encode(x)[front : front + 1]
+            emb = model.encode(x)[row : row + 1]
             fg = 1 - model.decode(emb.expand(len(ids), -1, -1, -1), b).softmax(dim=1)[:, 0]
         best, arg = fg.max(dim=0)
         out[z] = np.where(best.numpy() > 0.5, np.array(ids)[arg.numpy()], 0)
@@ -444,28 +441,6 @@ def test_box_run_with_minmax_reads_only_the_windows_it_needs(model) -> None:
 
 
 # -- box mode, tiled groups --------------------------------------------------------------------
-def reference_boxes_tiled(model, vol, boxes) -> np.ndarray:
-    """Non-overlapping groups 0..D-1, D..2D-1, ... (the last replicate-padded at the end), each
-    encoded whole; every boxed slice decoded from its row in its group."""
-    depth, group = len(vol), model.slices_per_group
-    out = np.zeros(vol.shape, np.uint8)
-    clipped = np.clip(vol.astype(np.float32), LOW, HIGH)
-    slices = sorted({z for per in boxes.values() for z in per})
-    for z in slices:
-        start, row = z - z % group, z % group
-        g = clipped[[min(start + d, depth - 1) for d in range(group)]]
-        g = (g - g.min()) / (g.max() - g.min())
-        x = torch.from_numpy(np.repeat(g[:, None], 3, axis=1))[None]
-        ids = [oid for oid in boxes if z in boxes[oid]]
-        b = torch.tensor([boxes[oid][z] for oid in ids], dtype=torch.float32)
-        with torch.inference_mode():
-            emb = model.encode(x)[row : row + 1]
-            fg = 1 - model.decode(emb.expand(len(ids), -1, -1, -1), b).softmax(dim=1)[:, 0]
-        best, arg = fg.max(dim=0)
-        out[z] = np.where(best.numpy() > 0.5, np.array(ids)[arg.numpy()], 0)
-    return out
-
-
 def _subset_boxes(depth: int) -> dict[int, dict[int, tuple[int, int, int, int]]]:
     """Object 1 on the first, a middle and the last slice; object 2 on every third slice."""
     return {
@@ -489,7 +464,7 @@ def test_tiled_boxes_equal_bruteforce(model, depth, batch_size) -> None:
         except StopIteration as stop:
             result = stop.value
             break
-    expected = reference_boxes_tiled(model, vol, boxes)
+    expected = reference_boxes(model, vol, boxes, "tiled")
     boxed = sorted({z for per in boxes.values() for z in per})
     assert [p.slice_index for p in seen] == boxed  # stack order, one per boxed slice
     np.testing.assert_array_equal(result.labels, expected)

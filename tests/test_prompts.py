@@ -106,7 +106,8 @@ def test_boxes_from_shapes_scaled_translated_image() -> None:
 
 
 def test_boxes_from_real_napari_layers() -> None:
-    layers = pytest.importorskip("napari.layers")
+    from napari import layers
+
     image = layers.Image(np.zeros((6, 30, 40)), scale=(2.0, 0.5, 0.25), translate=(10, -3, 5))
     world = rect(2, 4, 8, 9, 20) * np.array([2.0, 0.5, 0.25]) + np.array([10, -3, 5])
     shapes = layers.Shapes([world], shape_type="rectangle")

@@ -8,18 +8,9 @@ import torch
 
 from napari_masam.cache import EmbeddingCache
 from napari_masam.inference import iter_segment_automatic, iter_segment_boxes, run
+from napari_masam.model import config as masam_config
+from napari_masam.model import masam
 from napari_masam.session import SegmentationSession
-
-masam_config = pytest.importorskip("napari_masam.model.config")
-masam = pytest.importorskip("napari_masam.model.masam")
-
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +52,8 @@ def test_session_automatic_with_cache_feeds_boxes(model, tmp_path) -> None:
 
 
 def test_from_source_with_our_checkpoint(model, tmp_path) -> None:
-    checkpoints = pytest.importorskip("napari_masam.checkpoints")
+    from napari_masam import checkpoints
+
     path = checkpoints.save_checkpoint(model, tmp_path / "tiny.safetensors")
     session = SegmentationSession.from_source(path, device="cpu", cache=EmbeddingCache())
     assert session.metadata.name == model.metadata.name
@@ -72,7 +64,6 @@ def test_from_source_with_our_checkpoint(model, tmp_path) -> None:
 
 
 def test_from_source_unknown(tmp_path) -> None:
-    pytest.importorskip("napari_masam.checkpoints")
     with pytest.raises(FileNotFoundError):
         SegmentationSession.from_source(tmp_path / "nope.safetensors", device="cpu")
 

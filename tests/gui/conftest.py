@@ -27,11 +27,12 @@ def small_nifti_path(tmp_path_factory, ch2bet_path) -> Path:
 @pytest.fixture(scope="session")
 def tiny_masam_path(tmp_path_factory) -> Path:
     """The tiny MA-SAM (same architecture, small numbers) with 3 named classes, in our format."""
+    import torch
+
     from napari_masam.checkpoints import save_checkpoint
     from napari_masam.model.base import ModelMetadata
     from napari_masam.model.masam import build_masam
 
-    torch = pytest.importorskip("torch")
     torch.manual_seed(0)
     meta = ModelMetadata(
         name="tiny-3class",

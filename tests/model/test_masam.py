@@ -32,15 +32,6 @@ SPEC = Path(__file__).resolve().parents[1] / "data" / "spec"  # copies of shared
 TINY = MASAM_CONFIGS["tiny"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny tensors: thread start-up costs more than it saves on a shared 2-core machine.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def randomize_zero_inits(model: nn.Module, seed: int = 0) -> nn.Module:
     """Give the zero-initialised tensors (pos_embed, rel_pos, FacT V) random values."""
     gen = torch.Generator().manual_seed(seed)
