@@ -83,7 +83,8 @@ def test_core_imports_no_gui() -> None:
 
 def test_package_import_is_light() -> None:
     loaded = _imported_after(
-        "import napari_masam, napari_masam._reader, napari_masam._widget\n"
+        "import napari_masam, napari_masam._reader, napari_masam._writer, "
+        "napari_masam._sample_data, napari_masam._widget, napari_masam._train_widget\n"
         "from napari_masam.model import MODEL_REGISTRY"
     )
     assert "napari_masam" in loaded
