@@ -1,0 +1,250 @@
+"""Our own checkpoint format: one safetensors file, full state, config + metadata in the header.
+
+Header entries (all strings): ``format`` (``"napari-masam"``), ``format_version``, ``kind``,
+``config`` (JSON), ``metadata`` (JSON of :class:`~napari_masam.model.base.ModelMetadata`,
+provenance included), ``base_sha256`` and ``napari_masam_version``. No pickle: opening a file a
+colleague shared cannot run code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import struct
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ._common import CheckpointError, PathLike, _file_sha256, _group_keys, _shape
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..model.base import ModelMetadata, SegmentationModel
+
+#: Value of the ``format`` entry in the header of our safetensors files.
+FORMAT_NAME = "napari-masam"
+FORMAT_VERSION = 1
+
+
+def _metadata_to_dict(meta: ModelMetadata) -> dict[str, Any]:
+    out = dataclasses.asdict(meta)
+    out["class_names"] = list(meta.class_names)
+    out["class_colors"] = list(meta.class_colors)
+    return out
+
+
+def _metadata_from_dict(
+    data: Mapping[str, Any] | ModelMetadata | None, fallback_name: str
+) -> ModelMetadata:
+    from ..model.base import ModelMetadata
+
+    if isinstance(data, ModelMetadata):
+        return data
+    if data is None:
+        return ModelMetadata(name=fallback_name)
+    known = {f.name for f in dataclasses.fields(ModelMetadata)}
+    kwargs = {k: v for k, v in data.items() if k in known}
+    for key in ("class_names", "class_colors"):
+        if key in kwargs:
+            kwargs[key] = tuple(kwargs[key])
+    kwargs.setdefault("name", fallback_name)
+    kwargs["provenance"] = dict(kwargs.get("provenance") or {})
+    return ModelMetadata(**kwargs)
+
+
+def model_from_config(
+    kind: str, config: Mapping[str, Any], metadata: Mapping[str, Any] | ModelMetadata | None = None
+) -> SegmentationModel:
+    """A freshly initialised model of any kind from its ``get_config()`` dict (on the CPU).
+
+    Parameters
+    ----------
+    kind : str
+        ``"masam"``, ``"litemedsam"`` or ``"masam-lite"`` (the class attribute ``kind``).
+    config : dict
+        ``model.get_config()``.
+    metadata : dict or ModelMetadata or None
+
+    Raises
+    ------
+    ValueError
+        Unknown kind or config.
+    """
+    if kind == "masam":
+        from ..model.config import MASAMConfig
+        from ..model.masam import build_masam
+
+        cfg = MASAMConfig.from_dict(dict(config))
+        return build_masam(cfg, metadata=_metadata_from_dict(metadata, f"masam_{cfg.name}"))
+    if kind in ("litemedsam", "masam-lite"):
+        from ..model import lite
+
+        meta = _metadata_from_dict(metadata, kind)
+        return lite.build_lite_from_config(kind, dict(config), meta)
+    raise ValueError(f"Unknown model kind {kind!r}; known: masam, litemedsam, masam-lite.")
+
+
+def _unshare(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Contiguous CPU tensors, cloning any that share storage (safetensors refuses aliases)."""
+    out: dict[str, torch.Tensor] = {}
+    seen: set[tuple[int, int]] = set()
+    for key, tensor in state.items():
+        t = tensor.detach().to("cpu").contiguous()
+        ident = (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+        if t.numel() and ident in seen:
+            t = t.clone()
+        seen.add(ident)
+        out[key] = t
+    return out
+
+
+def save_checkpoint(
+    model: SegmentationModel,
+    path: PathLike,
+    *,
+    metadata: ModelMetadata | None = None,
+    provenance: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write one self-contained safetensors file: full state + kind, config, metadata.
+
+    Header entries (all strings): ``format`` (``"napari-masam"``), ``format_version``,
+    ``kind``, ``config`` (JSON), ``metadata`` (JSON of :class:`ModelMetadata`, provenance
+    included), ``base_sha256`` (the SAM base's digest when known) and ``napari_masam_version``.
+
+    Parameters
+    ----------
+    model : SegmentationModel
+        Any model with ``kind`` and ``get_config()``.
+    path : str or Path
+        Destination, conventionally ``*.safetensors``.
+    metadata : ModelMetadata or None
+        Replaces ``model.metadata`` in the file.
+    provenance : dict or None
+        Merged into the metadata's provenance.
+    """
+    from safetensors.torch import save_file
+
+    from .. import __version__
+
+    path = Path(path)
+    meta = metadata if metadata is not None else model.metadata
+    merged = {**meta.provenance, **(provenance or {})}
+    meta = dataclasses.replace(meta, provenance=merged)
+    header = {
+        "format": FORMAT_NAME,
+        "format_version": str(FORMAT_VERSION),
+        "kind": model.kind,
+        "config": json.dumps(model.get_config()),
+        "metadata": json.dumps(_metadata_to_dict(meta)),
+        "base_sha256": str(merged.get("sam_sha256") or meta.sha256 or ""),
+        "napari_masam_version": __version__,
+    }
+    save_file(_unshare(model.state_dict()), str(path), metadata=header)
+    return path
+
+
+def read_checkpoint_header(path: PathLike) -> dict[str, Any]:
+    """The decoded header of one of our files: kind, config, metadata, ... (no tensors read).
+
+    Raises
+    ------
+    FileNotFoundError, CheckpointError
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"The checkpoint {path} does not exist (or is not a file).")
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            raw = f.metadata() or {}
+    except Exception as exc:
+        raise CheckpointError(
+            f"Cannot read {path} as a safetensors file: it is truncated, corrupted or of "
+            f"another format ({type(exc).__name__}: {exc})."
+        ) from exc
+    if raw.get("format") != FORMAT_NAME:
+        raise CheckpointError(
+            f"{path} is a safetensors file but not a napari-masam checkpoint (its header has no "
+            f"'format': '{FORMAT_NAME}' entry). Load model weights of other tools through their "
+            "own checkpoint format, e.g. SAM .pth + MA-SAM .pth."
+        )
+    if int(raw.get("format_version", "0")) > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path} was written in napari-masam checkpoint format {raw['format_version']}, newer "
+            f"than this version reads ({FORMAT_VERSION}); update napari-masam."
+        )
+    try:
+        return {
+            "kind": raw["kind"],
+            "config": json.loads(raw["config"]),
+            "metadata": json.loads(raw["metadata"]),
+            "base_sha256": raw.get("base_sha256", ""),
+            "napari_masam_version": raw.get("napari_masam_version", ""),
+        }
+    except (KeyError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path}: the napari-masam header is damaged ({exc}).") from exc
+
+
+def load_checkpoint(path: PathLike, device: str | torch.device = "cpu") -> SegmentationModel:
+    """A model from one of our safetensors files (any kind), in eval mode on ``device``.
+
+    ``metadata.sha256`` is set to the digest of this file.
+
+    Raises
+    ------
+    FileNotFoundError
+        The file does not exist.
+    CheckpointError
+        Not a safetensors file, not ours, damaged header, or tensors not fitting the config
+        (missing/unexpected keys grouped, shape mismatches named).
+    """
+    from safetensors.torch import load_file
+
+    from ..devices import resolve_device
+
+    target = resolve_device(device)
+    path = Path(path)
+    header = read_checkpoint_header(path)
+    try:
+        model = model_from_config(header["kind"], header["config"], header["metadata"])
+    except (ValueError, TypeError) as exc:
+        raise CheckpointError(f"{path}: cannot rebuild the model from its header: {exc}") from exc
+    try:
+        state = load_file(str(path), device="cpu")
+    except Exception as exc:
+        raise CheckpointError(f"Cannot read the tensors of {path} (truncated?): {exc}") from exc
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    wrong = [k for k in state if k in own and own[k].shape != state[k].shape]
+    if missing or unexpected or wrong:
+        lines = [f"The tensors in {path} do not fit its own config ({header['kind']}):"]
+        if wrong:
+            lines.append(
+                "- other shapes: "
+                + ", ".join(f"{k} {_shape(state[k])} vs {_shape(own[k])}" for k in wrong[:6])
+            )
+        if missing:
+            lines.append(f"- missing {len(missing)} keys: {_group_keys(missing)}")
+        if unexpected:
+            lines.append(f"- unexpected {len(unexpected)} keys: {_group_keys(unexpected)}")
+        raise CheckpointError("\n".join(lines))
+    model.load_state_dict(state, strict=True)
+    model.metadata = dataclasses.replace(model.metadata, sha256=_file_sha256(path))
+    return model.to(target).eval()
+
+
+def _looks_like_safetensors(path: Path) -> bool:
+    if path.suffix == ".safetensors":
+        return True
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+    except OSError:
+        return False
+    if len(head) < 9:
+        return False
+    (n,) = struct.unpack("<Q", head[:8])
+    return 0 < n < (1 << 27) and head[8:9] == b"{"
