@@ -562,3 +562,67 @@ def test_single_slice_model_tiled_equals_centred() -> None:
 def test_unknown_box_windows_rejected(model) -> None:
     with pytest.raises(ValueError, match="windows must be one of"):
         run(iter_segment_boxes(model, ct_volume(3), {1: {0: (1, 1, 9, 9)}}, windows="sliding"))
+
+
+# -- stack values: non-finite policy, complex, one window per input (issue 13.3) ---------------
+def _mri_like(depth: int = 6, seed: int = 3) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    vol = np.zeros((depth, S, S), np.float32)
+    vol[:, 12:50, 10:54] = rng.uniform(50, 400, size=(depth, 38, 44))  # a "head" on 0 background
+    return vol
+
+
+def test_nan_outside_the_object_equals_zeros_in_box_mode(model) -> None:
+    vol = _mri_like()
+    with_nan = vol.copy()
+    with_nan[:, :8, :] = np.nan  # the corner outside the head (zeros remain elsewhere)
+    with_nan[:, -3:, :5] = -np.inf
+    boxes = {1: {z: (12, 14, 50, 46) for z in range(len(vol))}}
+    ref = run(iter_segment_boxes(model, vol, boxes, preset="mri"))
+    got = run(iter_segment_boxes(model, with_nan, boxes, preset="mri"))
+    assert ref.labels.any()
+    np.testing.assert_array_equal(got.labels, ref.labels)  # Dice(NaN) == Dice(zeros)
+    assert got.preprocessing["non_finite"] == {
+        "policy": "replace_with_slice_finite_min",
+        "voxels": len(vol) * (8 * S + 15),
+    }
+    assert ref.preprocessing["non_finite"]["voxels"] == 0
+
+
+def test_one_nan_voxel_in_automatic_mode_is_the_slice_minimum(model, caplog) -> None:
+    vol = _mri_like(7)
+    one = vol.copy()
+    one[3, 30, 30] = np.nan
+    policy = vol.copy()
+    policy[3, 30, 30] = vol[3][np.isfinite(one[3])].min()  # what the policy says it becomes
+    with caplog.at_level("WARNING"):
+        got = run(iter_segment_automatic(model, one, preset="mri"))
+    ref = run(iter_segment_automatic(model, policy, preset="mri"))
+    np.testing.assert_array_equal(got.labels, ref.labels)
+    assert got.preprocessing["non_finite"]["voxels"] == 1
+    assert "non-finite" in caplog.text and "Slice 3" in caplog.text
+
+
+def test_complex_stack_refused_with_advice(model) -> None:
+    vol = _mri_like(2).astype(np.complex64)
+    with pytest.raises(TypeError, match=r"np\.abs"):
+        next(iter_segment_automatic(model, vol))
+
+
+def test_precomputed_window_makes_chunks_independent() -> None:
+    from napari_masam.preprocess import INTENSITY_PRESETS, volume_window
+
+    single = tiny_masam(group=1)
+    vol = _mri_like(6)
+    vol[4:] *= 3  # the later chunk is brighter: a per-chunk window would differ
+    window = volume_window(vol, INTENSITY_PRESETS["mri"])
+    whole = run(iter_segment_automatic(single, vol, preset="mri")).labels
+    chunks = [
+        run(iter_segment_automatic(single, vol[a:b], preset="mri", window=window)).labels
+        for a, b in ((0, 3), (3, 6))
+    ]
+    np.testing.assert_array_equal(np.concatenate(chunks), whole)
+    own = run(iter_segment_automatic(single, vol[:3], preset="mri")).labels
+    assert (own != whole[:3]).any()  # without it, the chunk's labels change
+    with pytest.raises(ValueError, match="window"):
+        next(iter_segment_automatic(single, vol, preset="mri", window=(1.0, float("nan"))))

@@ -222,3 +222,56 @@ def test_minmax_volume_step_is_redundant_before_the_group_step() -> None:
     without = normalize_group(np.stack([normalize_slice(s, preset, None) for s in stack]), preset)
     np.testing.assert_allclose(without, with_window, atol=1e-6)
     assert without.min() == 0.0 and without.max() == 1.0
+
+
+# -- the one pipeline --------------------------------------------------------------------------
+@pytest.mark.parametrize("mode", ["stretch", "longest_side"])
+def test_stack_pipeline_equals_the_step_functions(mode) -> None:
+    from napari_masam.preprocess import StackPipeline, normalize_group
+
+    vol = RNG.normal(0, 150, size=(6, 40, 52)).astype(np.int16)
+    preset = INTENSITY_PRESETS["ct_abdomen"]
+    pipe = StackPipeline(
+        vol,
+        image_size=32,
+        slices_per_group=3,
+        resize_mode=mode,
+        model_orientation=None,
+        preset=preset,
+    )
+    members = pipe.members(0)
+    assert members == (0, 0, 1)  # replicate padding in front
+    x = pipe.group_input(members)
+    group = normalize_group(normalize_stack(vol, preset)[list(members)], preset)
+    ref, info = to_model_input(group, 32, mode)
+    assert x.shape == (3, 3, 32, 32) and info == pipe.info
+    # resize before or after the (affine) group min-max: float rounding only
+    np.testing.assert_allclose(x, ref.numpy(), atol=2e-5)
+    b = pipe.box_to_model((4, 5, 20, 30))
+    np.testing.assert_array_equal(b, boxes_to_model_frame(np.array([[4, 5, 20, 30]]), info)[0])
+    labels = np.zeros(vol.shape, np.uint8)
+    labels[1, 10:20, 5:9] = 2
+    np.testing.assert_array_equal(
+        pipe.labels_input(labels, members), labels_to_model_frame(labels[list(members)], info)
+    )
+    assert pipe.to_dict()["non_finite"]["voxels"] == 0
+
+
+def test_non_finite_policy_and_dtype_checks() -> None:
+    from napari_masam.preprocess import check_stack_dtype, replace_non_finite
+
+    s = np.array([[np.nan, 2.0], [np.inf, -1.0]], np.float32)
+    out, n = replace_non_finite(s)
+    assert n == 2 and out.tolist() == [[-1.0, 2.0], [-1.0, -1.0]]
+    allbad, n = replace_non_finite(np.full((2, 2), np.nan))
+    assert n == 4 and not allbad.any()
+    ints = np.arange(4).reshape(2, 2)
+    assert replace_non_finite(ints)[0] is ints
+    vol = np.stack([s, s * 0 + 5])
+    assert volume_window(vol, INTENSITY_PRESETS["minmax"]) == (-1.0, 5.0)
+    lo, hi = volume_window(vol, INTENSITY_PRESETS["mri"])
+    assert lo == -1.0 and np.isfinite(hi)
+    with pytest.raises(TypeError, match="complex"):
+        check_stack_dtype(np.zeros((2, 2, 2), np.complex128))
+    with pytest.raises(TypeError, match="numeric"):
+        check_stack_dtype(np.zeros((2, 2, 2), object))

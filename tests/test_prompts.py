@@ -9,10 +9,15 @@ import pytest
 
 from napari_masam.prompts import (
     boxes_from_labels,
+    boxes_from_rectangles,
     boxes_from_shapes,
+    check_boxes_in_stack,
     clip_box,
+    clip_boxes_to_stack,
+    expand_box,
     interpolate_keyframes,
     load_boxes_file,
+    mask_box,
     rectangle_to_xyxy,
     save_boxes_file,
 )
@@ -79,40 +84,64 @@ def test_single_rectangle_with_range_is_a_3d_box() -> None:
     assert out == {3: (0, 0, 4, 4), 4: (0, 0, 4, 4), 5: (1, 1, 5, 5)}
 
 
-def test_boxes_from_shapes_scaled_translated_image() -> None:
-    scale = np.array([2.0, 0.5, 0.25])
-    translate = np.array([10.0, -3.0, 5.0])
-    # rectangle drawn in world coordinates on slice 3 covering pixels rows 4..9, cols 8..20
-    z, r0, c0, r1, c1 = 3, 4, 8, 9, 20
-    world = rect(z, r0, c0, r1, c1) * scale + translate
-    boxes = boxes_from_shapes(
-        [world], ["rectangle"], {"scale": scale, "translate": translate}, image_shape=(6, 30, 40)
+def test_boxes_from_rectangles_data_coordinates() -> None:
+    # rectangles already in the image's data coordinates, (z, row, col) and 2-D (row, col)
+    boxes = boxes_from_rectangles(
+        [rect(3, 4, 8, 9, 20), rect(0, 1.6, 2.4, 5.4, 6.6)[:, 1:]],
+        [2, 5],
+        image_shape=(6, 30, 40),
+        default_slice=4,
     )
-    assert boxes == {1: {3: (c0, r0, c1, r1)}}
-    # the same through a callable (napari's world_to_data takes one point)
-    boxes_callable = boxes_from_shapes(
-        [world], "rectangle", lambda p: (np.asarray(p) - translate) / scale
-    )
-    assert boxes_callable == boxes
-    # a Shapes layer with its own scale: its data -> world -> image data
-    shapes_data = rect(z, r0, c0, r1, c1) * scale / np.array([1.0, 0.5, 0.5])
-    via_layers = boxes_from_shapes(
-        [shapes_data],
-        ["rectangle"],
-        {"scale": scale, "translate": translate},
-        shapes_layer={"scale": [1.0, 0.5, 0.5], "translate": translate},
-    )
-    assert via_layers == boxes
+    # pixel centres inside: rows 2..5, cols 3..6 for the half-pixel rectangle
+    assert boxes == {2: {3: (8, 4, 20, 9)}, 5: {4: (3, 2, 6, 5)}}
+    # keyframes without interpolation (what propagation takes) vs interpolated
+    two = [rect(1, 0, 0, 4, 4), rect(5, 0, 0, 8, 8)]
+    assert boxes_from_rectangles(two, [1, 1], interpolate=False) == {
+        1: {1: (0, 0, 4, 4), 5: (0, 0, 8, 8)}
+    }
+    assert boxes_from_rectangles(two, [1, 1])[1][3] == (0, 0, 6, 6)
+    with pytest.raises(ValueError, match="positive"):
+        boxes_from_rectangles(two, [0, 1])
+    with pytest.raises(ValueError, match="ids"):
+        boxes_from_rectangles(two, [1])
 
 
-def test_boxes_from_real_napari_layers() -> None:
-    from napari import layers
+def test_world_mapping_is_not_done_here() -> None:
+    # world <-> data mapping belongs to napari_masam._layers: refused, with the way out
+    with pytest.raises(TypeError, match="rectangles_in_image_frame"):
+        boxes_from_shapes([rect(0, 0, 0, 2, 2)], "rectangle", {"scale": [1, 1, 1]})
+    with pytest.raises(TypeError, match="boxes_from_rectangles"):
+        boxes_from_shapes([rect(0, 0, 0, 2, 2)], "rectangle", shapes_layer=object())
 
-    image = layers.Image(np.zeros((6, 30, 40)), scale=(2.0, 0.5, 0.25), translate=(10, -3, 5))
-    world = rect(2, 4, 8, 9, 20) * np.array([2.0, 0.5, 0.25]) + np.array([10, -3, 5])
-    shapes = layers.Shapes([world], shape_type="rectangle")
-    boxes = boxes_from_shapes(shapes.data, shapes.shape_type, image, shapes_layer=shapes)
-    assert boxes == {1: {2: (8, 4, 20, 9)}}
+
+def test_mask_box_and_expand_box() -> None:
+    m = np.zeros((10, 12), bool)
+    assert mask_box(m) is None
+    m[2:5, 3:9] = True
+    m[7, 1] = True
+    assert mask_box(m) == (1, 2, 8, 7)
+    assert expand_box((3, 2, 8, 4), (10, 12), margin_px=2) == (1, 0, 10, 6)
+    # fraction of the side: 6 columns * 0.5 = 3; 3 rows * 0.5 = 1.5: rows 0.5 -> 1, 5.5 -> 6
+    assert expand_box((3, 2, 8, 4), (10, 12), margin_fraction=0.5) == (0, 1, 11, 6)
+    with pytest.raises(ValueError, match="outside"):
+        expand_box((30, 30, 40, 40), (10, 12))
+
+
+def test_one_clipping_rule_two_strengths(caplog) -> None:
+    boxes = {3: (-5, -5, 4, 4), 7: (2, 2, 4, 4), 1: (20, 1, 30, 3)}
+    with caplog.at_level("WARNING"):
+        kept = clip_boxes_to_stack(boxes, (5, 10, 12))
+    # where prompts are made: cut what sticks out, drop (with a warning) what cannot be used
+    assert kept == {3: (0, 0, 4, 4)}
+    assert "slice 7" in caplog.text and "wholly outside" in caplog.text
+    # the engine's validation: the same cut, but an error where the edge would drop
+    assert check_boxes_in_stack({2: {3: (-5, -5, 4, 4)}}, (5, 10, 12)) == {2: {3: (0, 0, 4, 4)}}
+    with pytest.raises(ValueError, match="outside the stack"):
+        check_boxes_in_stack({2: {7: (2, 2, 4, 4)}}, (5, 10, 12))
+    with pytest.raises(ValueError, match="wholly outside"):
+        check_boxes_in_stack({2: {1: (20, 1, 30, 3)}}, (5, 10, 12))
+    with pytest.raises(ValueError, match="positive"):
+        check_boxes_in_stack({0: {1: (1, 1, 3, 3)}}, (5, 10, 12))
 
 
 def test_boxes_from_shapes_ids_keyframes_edges_and_skips() -> None:

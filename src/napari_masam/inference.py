@@ -33,20 +33,11 @@ from .io._common import label_dtype_for
 from .palette import label_color
 from .preprocess import (
     IntensityPreset,
-    OrientationTransform,
-    ResizeInfo,
-    boxes_to_model_frame,
-    minmax_with,
-    needs_volume_window,
-    normalize_slice,
-    orientation_transform,
+    StackPipeline,
     probabilities_to_grid,
-    resize_info,
-    resize_slices_torch,
     resolve_preset,
-    volume_window,
 )
-from .prompts import clip_box
+from .prompts import check_boxes_in_stack
 
 if TYPE_CHECKING:
     import torch
@@ -206,34 +197,9 @@ def _torch_threads(n: int | None) -> Iterator[None]:
         torch.set_num_threads(old)
 
 
-def _stack_geometry(stack: Any) -> tuple[tuple[int, int, int], bool]:
-    shape = (
-        tuple(int(s) for s in np.shape(stack))
-        if not hasattr(stack, "shape")
-        else tuple(int(s) for s in stack.shape)
-    )
-    if len(shape) == 3:
-        return shape, False  # type: ignore[return-value]
-    if len(shape) == 4 and shape[-1] in (3, 4):
-        return shape[:3], True  # type: ignore[return-value]
-    raise ValueError(
-        f"Expected a stack (Z, Y, X) or an RGB stack (T, Y, X, 3), got shape {shape}; add a "
-        "leading axis for a single 2D image (image[None])."
-    )
-
-
-@dataclass
-class _Prepared:
-    """A slice of the oriented frame, volume-normalised and resized (not yet padded)."""
-
-    model: np.ndarray  # K x sy x sx float32 (K = 1 grey, 3 RGB)
-    low: np.float32
-    high: np.float32
-    digest: str | None
-
-
-class _Engine:
-    """Per-run state shared by both modes: reader, geometry, device, cache keys."""
+class _Engine(StackPipeline):
+    """Per-run state shared by every mode: the stack's :class:`StackPipeline` plus the model,
+    device, cache keys and timings."""
 
     def __init__(
         self,
@@ -246,29 +212,25 @@ class _Engine:
         stack_orientation: str | None,
         batch_size: int | None,
         autocast: bool,
+        window: tuple[float, float] | None = None,
     ) -> None:
         import torch
 
         from .devices import resolve_device
 
-        self.model = model
-        self.stack = stack
         meta = model.metadata
-        self.preset = resolve_preset(preset, default=meta.intensity_preset)
-        self.stack_shape, self.rgb = _stack_geometry(stack)
-        if self.stack_shape[0] < 1:
-            raise ValueError("The stack has no slices.")
-        model_orientation = meta.orientation
-        if stack_orientation is None:
-            stack_orientation = model_orientation
-        self.transform: OrientationTransform = orientation_transform(
-            stack_orientation, model_orientation
+        super().__init__(
+            stack,
+            image_size=int(model.image_size),
+            slices_per_group=int(model.slices_per_group),
+            resize_mode=meta.resize_mode,
+            model_orientation=meta.orientation,
+            preset=resolve_preset(preset, default=meta.intensity_preset),
+            stack_orientation=stack_orientation,
+            window=window,
+            hash_slices=cache is not None,
         )
-        self.shape = self.transform.oriented_shape(self.stack_shape)  # oriented (Z, Y, X)
-        self.depth = self.shape[0]
-        self.group = int(model.slices_per_group)
-        self.front = (self.group - 1) // 2  # replicate-padded slices before the first one
-        self.info: ResizeInfo = resize_info(self.shape[1:], model.image_size, meta.resize_mode)
+        self.model = model
         param = next(model.parameters(), None)
         current = param.device if param is not None else torch.device("cpu")
         self.device = current if device is None else resolve_device(device)
@@ -281,14 +243,6 @@ class _Engine:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
         self.autocast = autocast
         self.cache = cache
-        self._oriented: np.ndarray | None = None
-        if not self.transform.keeps_slice_axis:
-            # reslicing across the slice axis needs the whole stack (documented)
-            self._oriented = self.transform.to_model(np.asarray(stack))
-        self.window = (
-            volume_window(stack, self.preset) if needs_volume_window(self.preset) else None
-        )
-        self._buffer: dict[int, _Prepared] = {}
         self.timings: dict[str, float] = {
             "encode_s": 0.0,
             "decode_s": 0.0,
@@ -306,73 +260,6 @@ class _Engine:
                 self.info.resize_mode,
                 self.group,
             )
-
-    # -- reading ---------------------------------------------------------------------------
-    def raw_slice(self, z: int) -> np.ndarray:
-        """Oriented slice ``z`` as stored (Y, X) or (Y, X, 3)."""
-        if self._oriented is not None:
-            s = np.asarray(self._oriented[z])
-        else:
-            zs = self.transform.slice_from_model(z, self.depth)
-            s = self.transform.inplane_to_model(np.asarray(self.stack[zs]))
-        if self.rgb and s.shape[-1] == 4:
-            s = s[..., :3]
-        return s
-
-    def prepared(self, z: int) -> _Prepared:
-        import torch
-
-        hit = self._buffer.get(z)
-        if hit is not None:
-            return hit
-        raw = self.raw_slice(z)
-        digest = None
-        if self.cache is not None:
-            from .cache import hash_array
-
-            digest = hash_array(raw)
-        norm = normalize_slice(raw, self.preset, self.window)
-        chw = norm.transpose(2, 0, 1) if norm.ndim == 3 else norm[None]
-        low, high = np.float32(norm.min()), np.float32(norm.max())
-        sy, sx = self.info.scaled_yx
-        if (sy, sx) != self.info.shape_yx:
-            # resize before the group min-max: both are affine/linear, so the order only moves
-            # float rounding, and each slice is resized once instead of once per window
-            t = torch.from_numpy(np.ascontiguousarray(chw))[None]
-            chw = resize_slices_torch(t, (sy, sx))[0].numpy()
-        prep = _Prepared(np.ascontiguousarray(chw, dtype=np.float32), low, high, digest)
-        self._buffer[z] = prep
-        return prep
-
-    def release_below(self, z: int) -> None:
-        for k in [k for k in self._buffer if k < z]:
-            del self._buffer[k]
-
-    def keep_only(self, needed: set[int]) -> None:
-        for k in [k for k in self._buffer if k not in needed]:
-            del self._buffer[k]
-
-    def members(self, start: int) -> tuple[int, ...]:
-        """Oriented slices of the window starting at padded index ``start`` (replicate pad)."""
-        return tuple(min(max(start - self.front + d, 0), self.depth - 1) for d in range(self.group))
-
-    def group_input(self, members: Sequence[int]) -> np.ndarray:
-        """(D, 3, S, S) float32 model input of one window: per-group min-max, clamp, pad."""
-        preps = [self.prepared(m) for m in members]
-        x = np.stack([p.model for p in preps])  # D x K x sy x sx
-        if self.preset.group_minmax:
-            low = min(p.low for p in preps)
-            high = max(p.high for p in preps)
-            x = minmax_with(x, low, high)
-        if not self.info.is_identity:
-            x = np.clip(x, 0.0, 1.0)
-        s = self.info.image_size
-        sy, sx = x.shape[-2:]
-        if (sy, sx) != (s, s):
-            x = np.pad(x, ((0, 0), (0, 0), (0, s - sy), (0, s - sx)))
-        if x.shape[1] == 1:
-            x = np.repeat(x, 3, axis=1)
-        return x
 
     # -- model -----------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -443,16 +330,7 @@ class _Engine:
         return logits
 
     def preprocessing(self) -> dict[str, Any]:
-        return {
-            "preset": self.preset.to_dict(),
-            "volume_window": None if self.window is None else list(self.window),
-            "stack_orientation_transform": self.transform.to_dict(),
-            "model_orientation": self.model.metadata.orientation,
-            "resize_mode": self.info.resize_mode,
-            "image_size": self.info.image_size,
-            "slices_per_group": self.group,
-            "group_padding": "replicate",
-        }
+        return self.to_dict()
 
     def labels_target(self, out: Any, keep_labels: bool, dtype: np.dtype) -> Any:
         if out is not None:
@@ -477,21 +355,59 @@ def _check_model(model: Any) -> None:
         )
 
 
-def _start_engine(
-    mode: str, model: Any, stack: Any, num_threads: int | None, **engine_kwargs: Any
-) -> _Engine:
-    """The shared preamble of both modes: check the model can run ``mode`` (``"automatic"`` or
-    ``"boxes"``) and build the run's :class:`_Engine` under the run's torch thread count."""
+#: Modes of :func:`check_mode`: prompt-free, box per slice, box/mask keyframes + propagation.
+MODES = ("automatic", "boxes", "propagate")
+
+
+def supported_modes(model: Any) -> tuple[str, ...]:
+    """The :data:`MODES` that ``model`` can run (``supports_automatic`` / ``supports_boxes``;
+    propagation needs box prompts)."""
+    out = []
+    if getattr(model, "supports_automatic", False):
+        out.append("automatic")
+    if getattr(model, "supports_boxes", False):
+        out += ["boxes", "propagate"]
+    return tuple(out)
+
+
+def check_mode(model: Any, mode: str) -> None:
+    """THE "can this model run this mode" check (engine, CLI, widgets and training use it).
+
+    Parameters
+    ----------
+    model : SegmentationModel
+    mode : str
+        One of :data:`MODES` (``"auto"`` is accepted for ``"automatic"``).
+
+    Raises
+    ------
+    TypeError
+        If ``model`` is not a :class:`~napari_masam.model.base.SegmentationModel`.
+    ValueError
+        For an unknown mode or one the model cannot run (the message says what to use).
+    """
     _check_model(model)
-    if mode == "automatic" and not model.supports_automatic:
+    mode = "automatic" if mode == "auto" else mode
+    if mode not in MODES:
+        raise ValueError(f"Unknown mode {mode!r}; choose one of {', '.join(MODES)}.")
+    if mode in supported_modes(model):
+        return
+    if mode == "automatic":
         raise ValueError(
             f"Model {model.metadata.name!r} has no automatic (prompt-free) head; use box prompts "
             "(iter_segment_boxes) or a multi-class MA-SAM checkpoint."
         )
-    if mode == "boxes" and not model.supports_boxes:
-        raise ValueError(
-            f"Model {model.metadata.name!r} does not take box prompts; use automatic mode."
-        )
+    raise ValueError(
+        f"Model {model.metadata.name!r} does not take box prompts; use automatic mode."
+    )
+
+
+def _start_engine(
+    mode: str, model: Any, stack: Any, num_threads: int | None, **engine_kwargs: Any
+) -> _Engine:
+    """The shared preamble of every mode: :func:`check_mode`, then the run's :class:`_Engine`
+    under the run's torch thread count."""
+    check_mode(model, mode)
     with _torch_threads(num_threads):
         return _Engine(model, stack, **engine_kwargs)
 
@@ -530,6 +446,7 @@ def iter_segment_automatic(
     keep_labels: bool = True,
     autocast: bool = True,
     num_threads: int | None = None,
+    window: tuple[float, float] | None = None,
 ) -> Generator[Progress, None, SegmentationResult]:
     """Prompt-free multi-class segmentation of a whole stack, slice by slice as they finish.
 
@@ -578,6 +495,18 @@ def iter_segment_automatic(
         Mixed precision on GPUs (:func:`napari_masam.devices.autocast_context`).
     num_threads : int or None
         torch intra-op threads during the run (restored afterwards); None: leave as is.
+    window : (float, float) or None
+        Precomputed volume-level intensity window in raw units
+        (:func:`napari_masam.preprocess.volume_window`, once per input); None: computed here.
+        Pass it when one input is segmented in pieces (video chunks) so that the labels do not
+        depend on the pieces.
+
+    Notes
+    -----
+    Stack values: complex stacks are refused (TypeError); NaN/+-Inf voxels are replaced by the
+    finite minimum of their slice before the intensity window
+    (:data:`napari_masam.preprocess.NON_FINITE_POLICY`), counted, logged as a warning and
+    recorded in ``result.preprocessing["non_finite"]``.
 
     Yields
     ------
@@ -609,6 +538,7 @@ def iter_segment_automatic(
         stack_orientation=stack_orientation,
         batch_size=batch_size,
         autocast=autocast,
+        window=window,
     )
     depth, group, front = eng.depth, eng.group, eng.front
     starts = window_starts(depth, group, int(stride))
@@ -705,25 +635,11 @@ def object_color(object_id: int) -> str:
 def _boxes_by_slice(
     boxes: Mapping[int, Mapping[int, Sequence[float]]], stack_shape: tuple[int, int, int]
 ) -> dict[int, list[tuple[int, tuple[int, int, int, int]]]]:
+    """Slice -> [(object id, clipped box)], validated by :func:`prompts.check_boxes_in_stack`."""
     per: dict[int, list[tuple[int, tuple[int, int, int, int]]]] = {}
-    for oid, frames in boxes.items():
-        oid = int(oid)
-        if oid < 1:
-            raise ValueError(f"Object ids must be positive integers, got {oid}.")
+    for oid, frames in check_boxes_in_stack(boxes, stack_shape).items():
         for z, box in frames.items():
-            z = int(z)
-            if not 0 <= z < stack_shape[0]:
-                raise ValueError(
-                    f"Object {oid} has a box on slice {z}, outside the stack's "
-                    f"{stack_shape[0]} slices."
-                )
-            if len(box) != 4:
-                raise ValueError(f"Object {oid}, slice {z}: a box has 4 numbers, got {box!r}.")
-            clipped = clip_box(box, stack_shape[1:])
-            if clipped is None:
-                logger.warning("Object %d: box %s on slice %d lies outside the image.", oid, box, z)
-                continue
-            per.setdefault(z, []).append((oid, clipped))
+            per.setdefault(z, []).append((oid, box))
     return dict(sorted(per.items()))
 
 
@@ -743,6 +659,7 @@ def iter_segment_boxes(
     autocast: bool = True,
     num_threads: int | None = None,
     windows: str = "centred",
+    window: tuple[float, float] | None = None,
 ) -> Generator[Progress, None, SegmentationResult]:
     """Box-prompted segmentation: one label per object on every slice that has its box.
 
@@ -754,9 +671,11 @@ def iter_segment_boxes(
         (Z, Y, X) grey or (T, Y, X, 3) uint8 RGB.
     boxes : mapping object id -> mapping slice -> xyxy
         Inclusive pixel boxes of the stack's slices (:mod:`napari_masam.prompts`; keyframes
-        already interpolated). Boxes are clipped to the slice; object ids are the label values.
-    preset, device, stack_orientation, out, keep_labels, autocast, num_threads
-        As :func:`iter_segment_automatic`.
+        already interpolated). Boxes sticking out of the slice are cut to it; a box on a slice
+        outside the stack or wholly outside its slice raises ValueError
+        (:func:`napari_masam.prompts.check_boxes_in_stack`). Object ids are the label values.
+    preset, device, stack_orientation, out, keep_labels, autocast, num_threads, window
+        As :func:`iter_segment_automatic` (the same non-finite policy applies).
     cache : EmbeddingCache or None
         Embeddings of each slice are looked up here first and stored after encoding, so further
         boxes on the same stack run only the decoder.
@@ -812,6 +731,7 @@ def iter_segment_boxes(
         stack_orientation=stack_orientation,
         batch_size=batch_size,
         autocast=autocast,
+        window=window,
     )
     if not eng.transform.keeps_slice_axis:
         raise ValueError(
@@ -856,8 +776,7 @@ def iter_segment_boxes(
             owners: list[int] = []
             for i, (zs, _) in enumerate(batch):
                 for _, box in per_slice[zs]:
-                    b_or = eng.transform.box_to_model(box, eng.stack_shape[1:])
-                    box_rows.append(boxes_to_model_frame(b_or[None], eng.info)[0])
+                    box_rows.append(eng.box_to_model(box))
                     owners.append(emb_rows[i])
             with _torch_threads(num_threads), eng.compute():
                 emb = eng.embeddings(groups, wanted)  # B * len(wanted) x E x g x g

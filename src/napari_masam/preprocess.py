@@ -175,19 +175,44 @@ def volume_window(stack: Any, preset: IntensityPreset) -> tuple[float, float]:
     -------
     (float, float)
         CT: the preset's HU bounds; MRI: (volume min, volume percentile); minmax: (min, max);
-        RGB: (0, 255).
+        RGB: (0, 255). Non-finite voxels (NaN, +-Inf) are left out (see
+        :data:`NON_FINITE_POLICY`); ``(0, 0)`` when no voxel is finite.
+
+    Notes
+    -----
+    Compute it once per input and pass it to the engine's ``window=`` parameter when an input
+    is segmented in pieces (a video in chunks): the labels then do not depend on the chunking.
+
+    Raises
+    ------
+    TypeError
+        For complex or non-numeric stacks (:func:`check_stack_dtype`).
     """
     if preset.kind in ("ct", "rgb"):
         return float(preset.low), float(preset.high)  # type: ignore[arg-type]
+    check_stack_dtype(stack)
     if preset.kind == "mri":
-        data = np.asarray(stack)
+        data = _finite_values(np.asarray(stack))
+        if data.size == 0:
+            return 0.0, 0.0
         return float(data.min()), float(np.percentile(data, preset.percentile))
     lows, highs = [], []
     for z in range(len(stack)):
-        s = np.asarray(stack[z])
-        lows.append(s.min())
-        highs.append(s.max())
+        s = _finite_values(np.asarray(stack[z]))
+        if s.size:
+            lows.append(s.min())
+            highs.append(s.max())
+    if not lows:
+        return 0.0, 0.0
     return float(min(lows)), float(max(highs))
+
+
+def _finite_values(arr: np.ndarray) -> np.ndarray:
+    """``arr`` itself for integer data, else its finite values (flattened when any is not)."""
+    if arr.dtype.kind != "f":
+        return arr
+    finite = np.isfinite(arr)
+    return arr if finite.all() else arr[finite]
 
 
 def normalize_slice(
@@ -392,10 +417,36 @@ def to_model_input(
     else:
         raise ValueError(f"Expected (D, Y, X) or (D, Y, X, 3) slices, got shape {arr.shape}.")
     info = resize_info(t.shape[-2:], image_size, resize_mode)
-    t = resize_to_model_torch(t, info)
+    t = resize_slices_torch(t, info.scaled_yx)
+    return torch.from_numpy(pad_to_model(t.numpy(), info)), info
+
+
+def pad_to_model(x: np.ndarray, info: ResizeInfo) -> np.ndarray:
+    """The last step of every model input: clamp, zero-pad to ``S x S``, grey to 3 channels.
+
+    Parameters
+    ----------
+    x : ndarray
+        (D, K, sy, sx) float32 in [0, 1] up to resampling overshoot, already resized to
+        ``info.scaled_yx`` (K = 1 grey or 3 RGB).
+    info : ResizeInfo
+
+    Returns
+    -------
+    ndarray
+        (D, 3, S, S) float32: clamped to [0, 1] when the slice was resampled (bicubic may
+        overshoot), padded bottom/right with zeros, grey repeated into the 3 channels.
+    """
+    x = np.asarray(x, dtype=np.float32)
     if not info.is_identity:
-        t = t.clamp(0.0, 1.0)
-    return t.expand(-1, 3, -1, -1).contiguous(), info
+        x = np.clip(x, 0.0, 1.0)
+    s = info.image_size
+    sy, sx = x.shape[-2:]
+    if (sy, sx) != (s, s):
+        x = np.pad(x, ((0, 0), (0, 0), (0, s - sy), (0, s - sx)))
+    if x.shape[1] == 1:
+        x = np.repeat(x, 3, axis=1)
+    return np.ascontiguousarray(x)
 
 
 def probabilities_to_grid(probs: torch.Tensor, info: ResizeInfo) -> torch.Tensor:
@@ -671,3 +722,330 @@ def orientation_transform(
                 flip.append(c != code)
                 break
     return OrientationTransform(tuple(perm), tuple(flip))  # type: ignore[arg-type]
+
+
+# ----------------------------------------------------------------------------------------------
+# The pipeline: stack slice -> model input (pixels and boxes), one road for every caller
+# ----------------------------------------------------------------------------------------------
+#: What happens to NaN / +-Inf voxels (recorded in results as ``preprocessing["non_finite"]``).
+NON_FINITE_POLICY = "replace_with_slice_finite_min"
+
+
+def stack_geometry(stack: Any) -> tuple[tuple[int, int, int], bool]:
+    """``((Z, Y, X), is_rgb)`` of a grey ``(Z, Y, X)`` or RGB(A) ``(T, Y, X, 3|4)`` stack.
+
+    Raises
+    ------
+    ValueError
+        For any other shape (the message says how to stack a single 2-D image).
+    """
+    shape = tuple(int(s) for s in (stack.shape if hasattr(stack, "shape") else np.shape(stack)))
+    if len(shape) == 3:
+        return shape, False  # type: ignore[return-value]
+    if len(shape) == 4 and shape[-1] in (3, 4):
+        return shape[:3], True  # type: ignore[return-value]
+    raise ValueError(
+        f"Expected a stack (Z, Y, X) or an RGB stack (T, Y, X, 3), got shape {shape}; add a "
+        "leading axis for a single 2D image (image[None])."
+    )
+
+
+def check_stack_dtype(stack: Any) -> None:
+    """Refuse stacks whose values have no single intensity: complex and non-numeric dtypes.
+
+    Raises
+    ------
+    TypeError
+        For complex data (with advice: segment ``np.abs(stack)`` (magnitude, e.g. MRI) or
+        ``stack.real`` explicitly) and for non-numeric dtypes (object, strings).
+    """
+    dtype = getattr(stack, "dtype", None)
+    if dtype is None:
+        return
+    kind = np.dtype(dtype).kind
+    if kind == "c":
+        raise TypeError(
+            f"The stack holds complex values ({np.dtype(dtype)}); segmentation needs one "
+            "intensity per voxel. Pass np.abs(stack) (magnitude, usual for MRI) or stack.real "
+            "explicitly."
+        )
+    if kind not in "biuf":
+        raise TypeError(
+            f"The stack has dtype {np.dtype(dtype)}, not numbers; convert it to a numeric array."
+        )
+
+
+def replace_non_finite(slice_: np.ndarray) -> tuple[np.ndarray, int]:
+    """Apply :data:`NON_FINITE_POLICY` to one slice.
+
+    Parameters
+    ----------
+    slice_ : ndarray
+        (Y, X) or (Y, X, 3) raw values.
+
+    Returns
+    -------
+    (ndarray, int)
+        The slice with every NaN/+-Inf voxel replaced by the minimum finite value of the slice
+        (0 when no voxel is finite), and the number of voxels replaced. Integer slices are
+        returned unchanged (count 0). The minimum is the value that is least likely to create
+        an edge: outside-the-head NaN masks become background, as zeros would.
+    """
+    arr = np.asarray(slice_)
+    if arr.dtype.kind != "f":
+        return arr, 0
+    finite = np.isfinite(arr)
+    if finite.all():
+        return arr, 0
+    n = int(finite.size - np.count_nonzero(finite))
+    fill = arr[finite].min() if finite.any() else 0
+    return np.where(finite, arr, fill).astype(arr.dtype, copy=False), n
+
+
+@dataclass(frozen=True)
+class PreparedSlice:
+    """One slice after the volume-level step and the resize (not yet group-scaled or padded).
+
+    Attributes
+    ----------
+    pixels : ndarray
+        (K, sy, sx) float32 (K = 1 grey, 3 RGB) at ``ResizeInfo.scaled_yx``.
+    low, high : numpy.float32
+        Min and max of the slice after the volume-level step (before resizing): the group
+        min-max takes them over the group's slices.
+    digest : str or None
+        Content digest of the raw slice (cache keys), when requested.
+    non_finite : int
+        Voxels replaced under :data:`NON_FINITE_POLICY`.
+    """
+
+    pixels: np.ndarray
+    low: np.float32
+    high: np.float32
+    digest: str | None
+    non_finite: int = 0
+
+
+class StackPipeline:
+    """THE road from a user's stack to model inputs (pixels and boxes), slice by slice.
+
+    The segmentation engine, training and the benchmarks all read stacks through this class:
+    stack frame -> oriented frame (:class:`OrientationTransform`) -> non-finite policy
+    (:func:`replace_non_finite`) -> volume-level intensity step (:func:`normalize_slice` with
+    one window per input, :func:`volume_window`) -> resize to the model square
+    (:func:`resize_slices_torch`) -> group min-max (:func:`minmax_with`) -> clamp/pad/3
+    channels (:func:`pad_to_model`). Boxes take :meth:`box_to_model`, labels
+    :meth:`labels_input`.
+
+    Parameters
+    ----------
+    stack : array-like
+        (Z, Y, X) grey or (T, Y, X, 3|4) RGB(A) in ``stack_orientation``; read one slice at a
+        time unless the orientation reslices across the slice axis.
+    image_size, slices_per_group : int
+        S and D of the model.
+    resize_mode : str
+        :data:`RESIZE_MODES`.
+    model_orientation : str or None
+        Axis codes the model was trained in (``ModelMetadata.orientation``).
+    preset : IntensityPreset
+    stack_orientation : str or None
+        Axis codes of the stack (None: the model's, no reorientation).
+    window : (float, float) or None
+        Volume-level window in raw units, computed once per input; None: computed here by
+        :func:`volume_window` when :func:`needs_volume_window` (pass it when one input is
+        segmented in pieces).
+    hash_slices : bool
+        Compute :attr:`PreparedSlice.digest` (for embedding cache keys).
+
+    Raises
+    ------
+    ValueError
+        For a shape that is not a stack, an empty stack or bad orientation codes.
+    TypeError
+        For complex or non-numeric stacks.
+
+    Attributes
+    ----------
+    stack_shape : (int, int, int)
+        (Z, Y, X) of the stack; ``shape`` is the oriented one, ``depth = shape[0]``.
+    group, front : int
+        D and the replicate-padded slices before the first one (``(D - 1) // 2``).
+    info : ResizeInfo
+    non_finite : int
+        Voxels replaced so far in the slices read.
+    """
+
+    def __init__(
+        self,
+        stack: Any,
+        *,
+        image_size: int,
+        slices_per_group: int,
+        resize_mode: str,
+        model_orientation: str | None,
+        preset: IntensityPreset,
+        stack_orientation: str | None = None,
+        window: tuple[float, float] | None = None,
+        hash_slices: bool = False,
+    ) -> None:
+        self.stack = stack
+        self.preset = preset
+        self.stack_shape, self.rgb = stack_geometry(stack)
+        if self.stack_shape[0] < 1:
+            raise ValueError("The stack has no slices.")
+        check_stack_dtype(stack)
+        if stack_orientation is None:
+            stack_orientation = model_orientation
+        self.model_orientation = model_orientation
+        self.transform: OrientationTransform = orientation_transform(
+            stack_orientation, model_orientation
+        )
+        self.shape = self.transform.oriented_shape(self.stack_shape)
+        self.depth = self.shape[0]
+        self.group = int(slices_per_group)
+        self.front = (self.group - 1) // 2
+        self.info: ResizeInfo = resize_info(self.shape[1:], int(image_size), resize_mode)
+        self._oriented: np.ndarray | None = None
+        if not self.transform.keeps_slice_axis:
+            # reslicing across the slice axis needs the whole stack (documented)
+            self._oriented = self.transform.to_model(np.asarray(stack))
+        if window is not None:
+            low, high = (float(v) for v in window)
+            if not (np.isfinite(low) and np.isfinite(high)) or high < low:
+                raise ValueError(f"window must be two finite numbers low <= high, got {window}.")
+            self.window: tuple[float, float] | None = (low, high)
+        else:
+            self.window = volume_window(stack, preset) if needs_volume_window(preset) else None
+        self.hash_slices = hash_slices
+        self.non_finite = 0
+        self._counted: set[int] = set()
+        self._buffer: dict[int, PreparedSlice] = {}
+
+    @classmethod
+    def for_model(
+        cls,
+        model: Any,
+        stack: Any,
+        *,
+        preset: str | IntensityPreset | None = None,
+        stack_orientation: str | None = None,
+        window: tuple[float, float] | None = None,
+        hash_slices: bool = False,
+    ) -> StackPipeline:
+        """The pipeline of a :class:`~napari_masam.model.base.SegmentationModel` (its image
+        size, group size, resize mode, orientation and default preset)."""
+        meta = model.metadata
+        return cls(
+            stack,
+            image_size=int(model.image_size),
+            slices_per_group=int(model.slices_per_group),
+            resize_mode=meta.resize_mode,
+            model_orientation=meta.orientation,
+            preset=resolve_preset(preset, default=meta.intensity_preset),
+            stack_orientation=stack_orientation,
+            window=window,
+            hash_slices=hash_slices,
+        )
+
+    # -- pixels ----------------------------------------------------------------------------
+    def raw_slice(self, z: int) -> np.ndarray:
+        """Oriented slice ``z`` as stored, (Y, X) or (Y, X, 3) (alpha dropped)."""
+        if self._oriented is not None:
+            s = np.asarray(self._oriented[z])
+        else:
+            zs = self.transform.slice_from_model(z, self.depth)
+            s = self.transform.inplane_to_model(np.asarray(self.stack[zs]))
+        if self.rgb and s.shape[-1] == 4:
+            s = s[..., :3]
+        return s
+
+    def prepared(self, z: int) -> PreparedSlice:
+        """Oriented slice ``z`` after the non-finite policy, volume step and resize (buffered
+        until :meth:`release_below` / :meth:`keep_only`)."""
+        hit = self._buffer.get(z)
+        if hit is not None:
+            return hit
+        import torch
+
+        raw, replaced = replace_non_finite(self.raw_slice(z))
+        if replaced and z not in self._counted:
+            self._counted.add(z)
+            self.non_finite += replaced
+            logger.warning(
+                "Slice %d: %d non-finite voxels (NaN/Inf) replaced by the slice's finite "
+                "minimum (policy %s).",
+                z,
+                replaced,
+                NON_FINITE_POLICY,
+            )
+        digest = None
+        if self.hash_slices:
+            from .cache import hash_array
+
+            digest = hash_array(raw)
+        norm = normalize_slice(raw, self.preset, self.window)
+        chw = norm.transpose(2, 0, 1) if norm.ndim == 3 else norm[None]
+        low, high = np.float32(norm.min()), np.float32(norm.max())
+        sy, sx = self.info.scaled_yx
+        if (sy, sx) != self.info.shape_yx:
+            # resize before the group min-max: both are affine/linear, so the order only moves
+            # float rounding, and each slice is resized once instead of once per window
+            t = torch.from_numpy(np.ascontiguousarray(chw))[None]
+            chw = resize_slices_torch(t, (sy, sx))[0].numpy()
+        prep = PreparedSlice(
+            np.ascontiguousarray(chw, dtype=np.float32), low, high, digest, replaced
+        )
+        self._buffer[z] = prep
+        return prep
+
+    def release_below(self, z: int) -> None:
+        """Forget prepared slices before oriented slice ``z``."""
+        for k in [k for k in self._buffer if k < z]:
+            del self._buffer[k]
+
+    def keep_only(self, needed: set[int]) -> None:
+        """Forget prepared slices not in ``needed``."""
+        for k in [k for k in self._buffer if k not in needed]:
+            del self._buffer[k]
+
+    def members(self, start: int) -> tuple[int, ...]:
+        """Oriented slices of the group starting at padded index ``start`` (replicate pad):
+        the group centred on oriented slice ``start`` (its row :attr:`front`)."""
+        return tuple(min(max(start - self.front + d, 0), self.depth - 1) for d in range(self.group))
+
+    def group_input(self, members: Sequence[int]) -> np.ndarray:
+        """(D, 3, S, S) float32 model input of one group: per-group min-max, clamp, pad."""
+        preps = [self.prepared(m) for m in members]
+        x = np.stack([p.pixels for p in preps])  # D x K x sy x sx
+        if self.preset.group_minmax:
+            low = min(p.low for p in preps)
+            high = max(p.high for p in preps)
+            x = minmax_with(x, low, high)
+        return pad_to_model(x, self.info)
+
+    # -- boxes and labels ------------------------------------------------------------------
+    def box_to_model(self, box_xyxy: Sequence[float]) -> np.ndarray:
+        """An inclusive box of a stack slice -> (4,) float32 box of the model input."""
+        b = self.transform.box_to_model(box_xyxy, self.stack_shape[1:])
+        return boxes_to_model_frame(b[None], self.info)[0]
+
+    def labels_input(self, labels: Any, members: Sequence[int]) -> np.ndarray:
+        """Training targets of a group: (D, S, S) labels of ``labels`` (the stack's grid,
+        (Z, Y, X)) at the oriented slices ``members``, nearest neighbour, zero padding."""
+        lab = self.transform.to_model(np.asarray(labels))
+        return labels_to_model_frame(np.stack([lab[m] for m in members]), self.info)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able description (results' ``preprocessing``)."""
+        return {
+            "preset": self.preset.to_dict(),
+            "volume_window": None if self.window is None else list(self.window),
+            "stack_orientation_transform": self.transform.to_dict(),
+            "model_orientation": self.model_orientation,
+            "resize_mode": self.info.resize_mode,
+            "image_size": self.info.image_size,
+            "slices_per_group": self.group,
+            "group_padding": "replicate",
+            "non_finite": {"policy": NON_FINITE_POLICY, "voxels": int(self.non_finite)},
+        }

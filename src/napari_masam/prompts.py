@@ -9,6 +9,14 @@ inclusive**. A box of one pixel is ``(c, r, c, r)``.
 Boxes of a stack are ``dict[object_id, dict[slice_index, (x0, y0, x1, y1)]]``: object ids are
 positive ints (the label value the object gets), slice indices index axis 0 of the stack.
 
+Clipping rule (one rule, two strengths): where prompts are *made* (napari rectangles, box
+files: :func:`clip_boxes_to_stack`), a box sticking out of its slice is cut to it and a box on a
+slice outside the stack or wholly outside its slice is dropped with a warning; the engine then
+*validates* with :func:`check_boxes_in_stack`: it cuts with the same :func:`clip_box` but raises
+for anything the edges would have dropped (never a silent empty result).
+
+Mask -> box is :func:`mask_box` (tight inclusive box of the True pixels), everywhere.
+
 A rectangle drawn in napari covers the pixels whose centres lie inside it: after mapping its
 vertices into the image layer's data coordinates, ``col_min = ceil(min col)`` and
 ``col_max = floor(max col)`` (to 1e-6), so a rectangle from ``-0.5`` to ``9.5`` and one with
@@ -22,7 +30,7 @@ import itertools
 import json
 import logging
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -46,53 +54,8 @@ def round_half_up(value: float) -> int:
 
 
 # ----------------------------------------------------------------------------------------------
-# Coordinate maps
+# Boxes on one slice
 # ----------------------------------------------------------------------------------------------
-def _as_point_map(transform: Any, direction: str) -> Callable[[np.ndarray], np.ndarray] | None:
-    """A function mapping one point (ndim,) between frames, from many kinds of description.
-
-    ``transform`` may be None (identity), a callable (one point -> one point), an object with a
-    ``world_to_data``/``data_to_world`` method (a napari layer; ``direction`` picks which), or
-    a mapping/object with ``scale`` and/or ``translate`` (data = (world - translate) / scale).
-    """
-    if transform is None:
-        return None
-    method = getattr(transform, direction, None)
-    if callable(method):
-        return lambda p: np.asarray(method(p), dtype=np.float64)
-    if callable(transform):
-        return lambda p: np.asarray(transform(p), dtype=np.float64)
-    if isinstance(transform, Mapping):
-        scale, translate = transform.get("scale"), transform.get("translate")
-    else:
-        scale = getattr(transform, "scale", None)
-        translate = getattr(transform, "translate", None)
-    if scale is None and translate is None:
-        raise TypeError(
-            f"Cannot use {type(transform).__name__} as a coordinate transform: pass a napari "
-            "layer, a callable, or something with 'scale'/'translate'."
-        )
-
-    def apply(p: np.ndarray) -> np.ndarray:
-        p = np.asarray(p, dtype=np.float64)
-        n = p.shape[-1]
-        s = np.ones(n) if scale is None else np.asarray(scale, dtype=np.float64)[-n:]
-        t = np.zeros(n) if translate is None else np.asarray(translate, dtype=np.float64)[-n:]
-        if direction == "world_to_data":
-            return (p - t) / s
-        return p * s + t
-
-    return apply
-
-
-def _map_vertices(
-    vertices: np.ndarray, fn: Callable[[np.ndarray], np.ndarray] | None
-) -> np.ndarray:
-    if fn is None:
-        return vertices
-    return np.stack([fn(v) for v in vertices])
-
-
 def rectangle_to_xyxy(vertices_rc: np.ndarray) -> Box | None:
     """Rectangle vertices (any order, any drawing direction) -> inclusive pixel box.
 
@@ -121,7 +84,10 @@ def rectangle_to_xyxy(vertices_rc: np.ndarray) -> Box | None:
 
 
 def clip_box(box_xyxy: Sequence[float], shape_yx: Sequence[int]) -> Box | None:
-    """Clip an inclusive box to a (Y, X) slice; None when it lies wholly outside."""
+    """Clip an inclusive box to a (Y, X) slice; None when it lies wholly outside.
+
+    Coordinates are rounded half up (:func:`round_half_up`) and ordered (a box drawn from
+    bottom-right to top-left is the same box)."""
     x0, y0, x1, y1 = (round_half_up(v) for v in box_xyxy)
     x0, x1 = min(x0, x1), max(x0, x1)
     y0, y1 = min(y0, y1), max(y0, y1)
@@ -129,6 +95,55 @@ def clip_box(box_xyxy: Sequence[float], shape_yx: Sequence[int]) -> Box | None:
     if x1 < 0 or y1 < 0 or x0 > nx - 1 or y0 > ny - 1:
         return None
     return (max(x0, 0), max(y0, 0), min(x1, nx - 1), min(y1, ny - 1))
+
+
+def mask_box(mask_yx: np.ndarray) -> Box | None:
+    """THE mask -> box conversion: the tight inclusive box of a (Y, X) mask's True pixels.
+
+    Parameters
+    ----------
+    mask_yx : ndarray
+        (Y, X) bool (or anything whose non-zero pixels are the object).
+
+    Returns
+    -------
+    (x0, y0, x1, y1) or None
+        ``(col_min, row_min, col_max, row_max)``, None for an empty mask.
+    """
+    m = np.asarray(mask_yx)
+    rows = np.flatnonzero(m.any(axis=1))
+    if rows.size == 0:
+        return None
+    cols = np.flatnonzero(m.any(axis=0))
+    return (int(cols[0]), int(rows[0]), int(cols[-1]), int(rows[-1]))
+
+
+def expand_box(
+    box_xyxy: Sequence[float],
+    shape_yx: Sequence[int],
+    *,
+    margin_px: float = 0.0,
+    margin_fraction: float = 0.0,
+) -> Box:
+    """Grow an inclusive box on every side and clip it to a (Y, X) slice.
+
+    Each side moves out by ``max(margin_px, margin_fraction * side length)`` pixels (side
+    length = ``x1 - x0 + 1`` for left/right, ``y1 - y0 + 1`` for top/bottom), rounded half up.
+
+    Raises
+    ------
+    ValueError
+        If the grown box lies wholly outside the slice.
+    """
+    x0, y0, x1, y1 = (float(v) for v in box_xyxy)
+    mx = max(float(margin_px), float(margin_fraction) * (abs(x1 - x0) + 1.0))
+    my = max(float(margin_px), float(margin_fraction) * (abs(y1 - y0) + 1.0))
+    grown = clip_box(
+        (min(x0, x1) - mx, min(y0, y1) - my, max(x0, x1) + mx, max(y0, y1) + my), shape_yx
+    )
+    if grown is None:
+        raise ValueError(f"Box {tuple(box_xyxy)} lies wholly outside a slice of {tuple(shape_yx)}.")
+    return grown
 
 
 # ----------------------------------------------------------------------------------------------
@@ -190,6 +205,90 @@ def _object_ids_from_colors(colors: Sequence[Any]) -> list[int]:
     return out
 
 
+def boxes_from_rectangles(
+    rectangles: Sequence[np.ndarray],
+    object_ids: Sequence[int] | None = None,
+    *,
+    image_shape: Sequence[int] | None = None,
+    slice_ranges: Mapping[int, tuple[int, int]] | None = None,
+    interpolate: bool = True,
+    default_slice: int = 0,
+) -> BoxesByObject:
+    """Rectangles in an image's data coordinates -> per-object, per-slice inclusive pixel boxes.
+
+    Parameters
+    ----------
+    rectangles : sequence of ndarray
+        One (K, 3) ``(slice, row, col)`` or (K, 2) ``(row, col)`` vertex array per rectangle
+        (usually K = 4), already in the image's data coordinates (napari world -> data mapping
+        is ``napari_masam._layers``' job); (K, 2) rectangles lie on ``default_slice``. Vertices
+        with more leading axes use the last three.
+    object_ids : sequence of int or None
+        Object id (label value, >= 1) of each rectangle; None: one object per rectangle
+        (1, 2, ...).
+    image_shape : sequence of int or None
+        ``(Z, Y, X)`` or ``(Z, Y, X, 3)``: boxes are clipped to the stack with
+        :func:`clip_boxes_to_stack` (outside the stack: dropped). None: no clipping.
+    slice_ranges : mapping or None
+        Object id -> inclusive (first, last) slice range (see :func:`interpolate_keyframes`).
+    interpolate : bool
+        Interpolate between keyframes of an object; False: the keyframes only (what
+        propagation takes).
+    default_slice : int
+
+    Returns
+    -------
+    dict int -> dict int -> (x0, y0, x1, y1)
+
+    Raises
+    ------
+    ValueError
+        If the number of ids differs from the number of rectangles or an id is < 1.
+
+    Notes
+    -----
+    A rectangle's slice is the rounded mean of its vertices' slice coordinates (a warning when
+    they differ by more than half a slice). Several rectangles of one object on the same slice:
+    the last one wins (logged).
+    """
+    n = len(rectangles)
+    ids = list(range(1, n + 1)) if object_ids is None else [int(i) for i in object_ids]
+    if len(ids) != n:
+        raise ValueError(f"Got {len(ids)} object ids for {n} rectangles; pass one per rectangle.")
+    keyframes: dict[int, dict[int, Box]] = {}
+    for i, vertices in enumerate(rectangles):
+        v = np.asarray(vertices, dtype=np.float64)
+        if v.ndim != 2 or v.shape[-1] < 2:
+            raise ValueError(f"Rectangle {i}: expected (K, 2) or (K, 3) vertices, got {v.shape}.")
+        if v.shape[-1] >= 3:
+            zs = v[:, -3]
+            if not np.all(np.isfinite(zs)):
+                continue
+            z = round_half_up(np.mean(zs))
+            if np.ptp(zs) > 0.5:
+                logger.warning("Rectangle %d is not on one slice (z %s); using slice %d.", i, zs, z)
+        else:
+            z = int(default_slice)
+        box = rectangle_to_xyxy(v[:, -2:])
+        if box is None:
+            continue
+        oid = ids[i]
+        if oid < 1:
+            raise ValueError(f"Object ids must be positive integers (rectangle {i} has id {oid}).")
+        if z in keyframes.get(oid, {}):
+            logger.info("Object %d has several rectangles on slice %d; the last one wins.", oid, z)
+        keyframes.setdefault(oid, {})[z] = box
+    out: BoxesByObject = {}
+    for oid, frames in keyframes.items():
+        rng = None if slice_ranges is None else slice_ranges.get(oid)
+        boxes = interpolate_keyframes(frames, rng) if interpolate else dict(sorted(frames.items()))
+        if image_shape is not None:
+            boxes = clip_boxes_to_stack(boxes, image_shape)
+        if boxes:
+            out[oid] = boxes
+    return dict(sorted(out.items()))
+
+
 def boxes_from_shapes(
     shapes_data: Sequence[np.ndarray],
     shape_types: Sequence[str] | str | None = None,
@@ -205,49 +304,28 @@ def boxes_from_shapes(
     interpolate: bool = True,
     default_slice: int = 0,
 ) -> BoxesByObject:
-    """napari Shapes rectangles -> per-object, per-slice inclusive pixel boxes of an image.
+    """Shapes-layer rectangles -> boxes; superseded by :func:`boxes_from_rectangles`.
 
-    Parameters
-    ----------
-    shapes_data : sequence of ndarray
-        ``shapes_layer.data``: one (4, ndim) vertex array per shape in the Shapes layer's data
-        coordinates, ``(..., slice, row, col)``; ndim 2 shapes lie on ``default_slice``.
-    shape_types : sequence of str, str or None
-        ``shapes_layer.shape_type``; only ``"rectangle"`` shapes are used (None: all).
-    image_layer : napari layer, callable, mapping or None
-        Maps world -> the image's data coordinates: a layer (its ``world_to_data``), a callable
-        taking one point, or ``{"scale": ..., "translate": ...}`` / an object with those
-        attributes (data = (world - translate) / scale). None: identity.
-    shapes_layer : napari layer, callable, mapping or None
-        Maps the Shapes layer's data -> world (its ``data_to_world``; or scale/translate as
-        above, world = data * scale + translate). None: identity (a Shapes layer created with
-        the image's scale/translate already has the image's data coordinates if both are
-        passed, or pass neither).
-    object_ids : sequence of int or None
-        Object id of each shape (label value). Else ``features[id_column]``, else one id per
-        distinct colour in ``colors`` (in order of first use), else one object per rectangle.
-    features : table or None
-        ``shapes_layer.features`` (a pandas DataFrame or a mapping of columns).
-    colors : sequence or None
-        Per-shape colours (e.g. ``shapes_layer.edge_color``).
-    image_shape : sequence of int or None
-        Shape of the image's data, ``(Z, Y, X)`` or ``(Z, Y, X, 3)``: boxes are clipped to the
-        slice and dropped outside the stack. None: no clipping.
-    slice_ranges : mapping or None
-        Object id -> inclusive (first, last) slice range (a "3D box"; see
-        :func:`interpolate_keyframes`).
-    interpolate : bool
-        Interpolate between keyframes of an object (see :func:`interpolate_keyframes`).
-    default_slice : int
+    Kept for callers that still pass a Shapes layer's columns: non-rectangle shapes are skipped
+    (``shape_types``), object ids come from ``object_ids``, else ``features[id_column]``, else
+    one id per distinct colour of ``colors`` (in order of first use), else one per rectangle;
+    the rest is :func:`boxes_from_rectangles`. Vertices must already be in the image's data
+    coordinates: world <-> data mapping lives in ``napari_masam._layers``
+    (``rectangles_in_image_frame``), so ``image_layer``/``shapes_layer`` are refused.
 
-    Returns
-    -------
-    dict int -> dict int -> (x0, y0, x1, y1)
-
-    Notes
-    -----
-    Several rectangles of one object on the same slice: the last one drawn wins (logged).
+    Raises
+    ------
+    TypeError
+        If ``image_layer`` or ``shapes_layer`` is given.
+    ValueError
+        As :func:`boxes_from_rectangles`.
     """
+    if image_layer is not None or shapes_layer is not None:
+        raise TypeError(
+            "boxes_from_shapes no longer maps napari world coordinates: map the rectangles "
+            "into the image's data coordinates first (napari_masam._layers."
+            "rectangles_in_image_frame) and call boxes_from_rectangles."
+        )
     n = len(shapes_data)
     if isinstance(shape_types, str):
         shape_types = [shape_types] * n
@@ -264,39 +342,15 @@ def boxes_from_shapes(
         object_ids = list(range(1, n + 1))
     if len(object_ids) != n:
         raise ValueError(f"Got {len(object_ids)} object ids for {n} shapes; pass one per shape.")
-
-    to_world = _as_point_map(shapes_layer, "data_to_world")
-    to_data = _as_point_map(image_layer, "world_to_data")
-    keyframes: dict[int, dict[int, Box]] = {}
-    for i, vertices in enumerate(shapes_data):
-        if shape_types is not None and shape_types[i] != "rectangle":
-            continue
-        v = _map_vertices(_map_vertices(np.asarray(vertices, dtype=np.float64), to_world), to_data)
-        if v.shape[-1] >= 3:
-            zs = v[:, -3]
-            z = round_half_up(np.mean(zs))
-            if np.ptp(zs) > 0.5:
-                logger.warning("Rectangle %d is not on one slice (z %s); using slice %d.", i, zs, z)
-        else:
-            z = default_slice
-        box = rectangle_to_xyxy(v[:, -2:])
-        if box is None:
-            continue
-        oid = int(object_ids[i])
-        if oid < 1:
-            raise ValueError(f"Object ids must be positive integers (shape {i} has id {oid}).")
-        if z in keyframes.get(oid, {}):
-            logger.info("Object %d has several rectangles on slice %d; the last one wins.", oid, z)
-        keyframes.setdefault(oid, {})[z] = box
-    out: BoxesByObject = {}
-    for oid, frames in keyframes.items():
-        rng = None if slice_ranges is None else slice_ranges.get(oid)
-        boxes = interpolate_keyframes(frames, rng) if interpolate else dict(sorted(frames.items()))
-        if image_shape is not None:
-            boxes = clip_boxes_to_stack(boxes, image_shape)
-        if boxes:
-            out[oid] = boxes
-    return dict(sorted(out.items()))
+    keep = [i for i in range(n) if shape_types is None or shape_types[i] == "rectangle"]
+    return boxes_from_rectangles(
+        [shapes_data[i] for i in keep],
+        [object_ids[i] for i in keep],
+        image_shape=image_shape,
+        slice_ranges=slice_ranges,
+        interpolate=interpolate,
+        default_slice=default_slice,
+    )
 
 
 def clip_boxes_to_stack(
@@ -304,20 +358,71 @@ def clip_boxes_to_stack(
 ) -> dict[int, Box]:
     """Clip one object's per-slice boxes to a stack of ``image_shape`` (Z, Y, X[, 3]).
 
-    Slices outside ``[0, Z)`` and boxes wholly outside the slice are dropped (logged).
+    The lenient half of THE clipping rule (see the module docstring): used where prompts are
+    made (napari rectangles, box files). Boxes partly outside a slice are cut to it; slices
+    outside ``[0, Z)`` and boxes wholly outside the slice are dropped, with a warning.
     """
     depth, shape_yx = int(image_shape[0]), (int(image_shape[1]), int(image_shape[2]))
     out: dict[int, Box] = {}
     for z, b in boxes.items():
         if not 0 <= int(z) < depth:
-            logger.info("Dropping a box on slice %d outside a stack of %d slices.", z, depth)
+            logger.warning("Dropping a box on slice %d outside a stack of %d slices.", z, depth)
             continue
         c = clip_box(b, shape_yx)
         if c is None:
-            logger.info("Dropping a box %s wholly outside the %s slice.", tuple(b), shape_yx)
+            logger.warning("Dropping a box %s wholly outside the %s slice.", tuple(b), shape_yx)
             continue
         out[int(z)] = c
     return out
+
+
+def check_boxes_in_stack(
+    boxes: Mapping[int, Mapping[int, Sequence[float]]], stack_shape: Sequence[int]
+) -> BoxesByObject:
+    """The strict half of THE clipping rule: what the engine accepts.
+
+    Parameters
+    ----------
+    boxes : mapping object id -> mapping slice -> xyxy
+    stack_shape : sequence of int
+        (Z, Y, X[, ...]) of the stack.
+
+    Returns
+    -------
+    dict int -> dict int -> (x0, y0, x1, y1)
+        Integer boxes, cut to the slice where they stick out (:func:`clip_box`), sorted.
+
+    Raises
+    ------
+    ValueError
+        For an object id < 1, a box that is not 4 numbers, a box on a slice outside the stack
+        or a box wholly outside its slice (naming the object, slice and box): the edges that
+        make prompts (:func:`clip_boxes_to_stack`) already dropped those with a warning, so one
+        reaching the engine is a caller's mistake and must not become a silent empty result.
+    """
+    depth, shape_yx = int(stack_shape[0]), (int(stack_shape[1]), int(stack_shape[2]))
+    out: BoxesByObject = {}
+    for oid, frames in boxes.items():
+        oid = int(oid)
+        if oid < 1:
+            raise ValueError(f"Object ids must be positive integers, got {oid}.")
+        for z, box in frames.items():
+            z = int(z)
+            if not 0 <= z < depth:
+                raise ValueError(
+                    f"Object {oid} has a box on slice {z}, outside the stack's {depth} slices."
+                )
+            if len(box) != 4:
+                raise ValueError(f"Object {oid}, slice {z}: a box has 4 numbers, got {box!r}.")
+            clipped = clip_box(box, shape_yx)
+            if clipped is None:
+                raise ValueError(
+                    f"Object {oid}: box {tuple(box)} on slice {z} lies wholly outside the "
+                    f"{shape_yx[0]} x {shape_yx[1]} slice (x = column, y = row; are x and y "
+                    "swapped?)."
+                )
+            out.setdefault(oid, {})[z] = clipped
+    return {oid: dict(sorted(per.items())) for oid, per in sorted(out.items())}
 
 
 def boxes_from_labels(labels: np.ndarray, object_ids: Iterable[int] | None = None) -> BoxesByObject:
@@ -338,9 +443,9 @@ def boxes_from_labels(labels: np.ndarray, object_ids: Iterable[int] | None = Non
     for oid in ids:
         per: dict[int, Box] = {}
         for z in range(arr.shape[0]):
-            rows, cols = np.nonzero(arr[z] == oid)
-            if rows.size:
-                per[z] = (int(cols.min()), int(rows.min()), int(cols.max()), int(rows.max()))
+            box = mask_box(arr[z] == oid)
+            if box is not None:
+                per[z] = box
         if per:
             out[oid] = per
     return out
