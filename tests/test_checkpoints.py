@@ -498,3 +498,169 @@ def test_registry_builds_full_vit_b_from_a_sam_and_an_authors_file(vit_b, tmp_pa
     authors = torch.load(masam_path, map_location="cpu", weights_only=True)
     for key, value in authors.items():
         torch.testing.assert_close(state[ckpt.from_authors_key(key)], value, rtol=0, atol=0)
+
+
+# -- hostile files (issue 13.2, 13.5) ----------------------------------------------------------
+class _CallsPrint:
+    """Pickles as a call of builtins.print: a checkpoint that carries code."""
+
+    def __reduce__(self):
+        return (print, ("this ran",))
+
+
+def test_checkpoint_carrying_code_is_refused_in_plain_words(tmp_path, capsys):
+    path = tmp_path / "evil.pth"
+    torch.save({"image_encoder.pos_embed": torch.zeros(1), "x": _CallsPrint()}, path)
+    with pytest.raises(CheckpointError) as info:
+        ckpt.read_state_dict(path, what="MA-SAM checkpoint")
+    message = str(info.value)
+    assert "contains executable code" in message and "will not be loaded" in message
+    assert "builtins.print" in message
+    # never torch's advice to load it unsafely, and not called damaged
+    assert "weights_only" not in message and "truncated" not in message
+    assert "this ran" not in capsys.readouterr().out
+
+
+def _rewrite_header(src: Path, dst: Path, change) -> Path:
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(src), "pt") as f:
+        header = dict(f.metadata())
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    config = json.loads(header["config"])
+    change(config)
+    header["config"] = json.dumps(config)
+    save_file(tensors, str(dst), metadata=header)
+    return dst
+
+
+def _no_build(monkeypatch):
+    """Fail the test if load_checkpoint builds a real model."""
+    from napari_masam.checkpoints import ours
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was built before the header was checked")
+
+    monkeypatch.setattr(ours, "model_from_config", refuse)
+
+
+def test_giant_header_config_refused_before_any_model_is_built(trained, tmp_path, monkeypatch):
+    good = ckpt.save_checkpoint(trained, tmp_path / "good.safetensors")
+
+    def giant(config):  # ViT with embed dim 4096 x 48 blocks: tens of GB if built
+        config.update(embed_dim=4096, depth=48, num_heads=16, global_attn_indexes=[11, 23, 35, 47])
+
+    lying = _rewrite_header(good, tmp_path / "giant.safetensors", giant)
+    _no_build(monkeypatch)
+    with pytest.raises(CheckpointError, match=r"giant\.safetensors.*depth 48 but the file holds tensors of 3 encoder"):
+        ckpt.load_checkpoint(lying)
+
+
+def test_header_config_compared_with_tensor_shapes_before_build(trained, tmp_path, monkeypatch):
+    good = ckpt.save_checkpoint(trained, tmp_path / "good.safetensors")
+    wide = _rewrite_header(
+        good, tmp_path / "wide.safetensors", lambda c: c.update(mlp_ratio=64.0)
+    )
+    _no_build(monkeypatch)
+    with pytest.raises(CheckpointError, match=r"(?s)other shapes.*mlp\.lin1\.weight.*edited"):
+        ckpt.load_checkpoint(wide)
+    huge = _rewrite_header(good, tmp_path / "huge.safetensors", lambda c: c.update(depth=10**9))
+    with pytest.raises(CheckpointError, match="impossible sizes"):
+        ckpt.load_checkpoint(huge)
+
+
+def test_lite_header_bounded_by_tensors_held(tmp_path, monkeypatch):
+    from napari_masam.model import lite
+
+    model = lite.build_lite_from_config("litemedsam", {"kind": "litemedsam"})
+    good = ckpt.save_checkpoint(model, tmp_path / "lite.safetensors")
+
+    def giant(config):
+        config["encoder"]["embed_dims"] = [4096, 4096, 4096, 4096]
+        config["encoder"]["depths"] = [12, 12, 12, 12]
+
+    lying = _rewrite_header(good, tmp_path / "lite_giant.safetensors", giant)
+    _no_build(monkeypatch)
+    with pytest.raises(CheckpointError, match=r"lite_giant\.safetensors.*parameters.*numbers"):
+        ckpt.load_checkpoint(lying)
+
+
+def test_partial_sam_base_refused_instead_of_random_frozen_parts(sam_file, tmp_path):
+    state = torch.load(sam_file, map_location="cpu", weights_only=True)
+    # block 1 of a hostile/partial base: its MLP would silently keep a random init
+    for key in [k for k in state if k.startswith("image_encoder.blocks.1.mlp.")]:
+        del state[key]
+    partial = _save(state, tmp_path / "sam_partial.pth")
+    with pytest.raises(CheckpointError, match=r"sam_partial\.pth lacks 4 frozen tensors.*mlp"):
+        _load(partial, num_classes=3, fact_rank=TINY.fact_rank, adapter_width=TINY.adapter_width)
+
+
+# -- model sources (issue 12) -------------------------------------------------------------------
+def test_model_source_parse_is_the_one_decision(trained, sam_file, authors_file, tmp_path):
+    from napari_masam.checkpoints import ModelSource
+    from napari_masam.model.registry import DEFAULT_MODEL
+
+    ours = ckpt.save_checkpoint(trained, tmp_path / "m.safetensors")
+    renamed = tmp_path / "no_suffix.bin"
+    renamed.write_bytes(ours.read_bytes())
+    assert ModelSource.parse(None) == ModelSource("preset", name=DEFAULT_MODEL)
+    assert ModelSource.parse("masam-lite").kind == "preset"
+    assert ModelSource.parse(ours) == ModelSource("checkpoint", checkpoint=ours)
+    assert ModelSource.parse(str(renamed)).kind == "checkpoint"  # by header, not suffix
+    pair = ModelSource.parse(sam_file, masam_checkpoint=authors_file)
+    assert (pair.kind, pair.sam_checkpoint, pair.masam_checkpoint) == (
+        "sam_pair",
+        sam_file,
+        authors_file,
+    )
+    named = ModelSource.parse("masam_vit_b", sam_checkpoint=sam_file)
+    assert (named.kind, named.name) == ("sam_pair", "masam_vit_b")
+    with pytest.raises(ValueError, match="Unknown model 'vit_q'.*litemedsam"):
+        ModelSource.parse("vit_q")
+    with pytest.raises(ValueError, match="not both"):
+        ModelSource.parse(checkpoint=ours, sam_checkpoint=sam_file)
+    with pytest.raises(ValueError, match="needs Meta's SAM base"):
+        ModelSource.parse(masam_checkpoint=authors_file)
+    with pytest.raises(ValueError, match="brings its own weights"):
+        ModelSource.parse("litemedsam", sam_checkpoint=sam_file)
+    with pytest.raises(ValueError, match=r"sam_vit_b_01ec64\.pth"):
+        ModelSource.parse("masam_vit_b")
+    with pytest.raises(FileNotFoundError, match="folder"):
+        ModelSource.parse(checkpoint=tmp_path)
+
+
+def test_model_source_identity_follows_content_not_names(trained, sam_file, authors_file, tmp_path):
+    from napari_masam.checkpoints import ModelSource
+
+    ours = ckpt.save_checkpoint(trained, tmp_path / "m.safetensors")
+    copy = tmp_path / "elsewhere" / "copy.safetensors"
+    copy.parent.mkdir()
+    copy.write_bytes(ours.read_bytes())
+    a, b = ModelSource.parse(ours).identity(), ModelSource.parse(copy).identity()
+    assert a.sha256 == b.sha256 and a.description != b.description
+    digest = hashlib.sha256(ours.read_bytes()).hexdigest()
+    assert a.files == (("checkpoint", "m.safetensors", digest),)
+    assert json.loads(json.dumps(a.to_dict()))["files"][0]["sha256"] == digest
+    pair = ModelSource.parse(sam_file, masam_checkpoint=authors_file).identity()
+    base_only = ModelSource.parse(sam_file, num_classes=3).identity()
+    assert len({a.sha256, pair.sha256, base_only.sha256}) == 3
+    assert "MA-SAM masam_tiny.pth" in pair.description
+    lite = ModelSource.parse("litemedsam").identity()
+    from napari_masam.weights import LITEMEDSAM_SHA256
+
+    assert lite.files[0][2] == LITEMEDSAM_SHA256 and "embedded" in lite.description
+
+
+def test_model_source_load_matches_direct_loaders(trained, sam_file, authors_file, images, tmp_path):
+    from napari_masam.checkpoints import ModelSource
+
+    ours = ckpt.save_checkpoint(trained, tmp_path / "m.safetensors")
+    for source in (
+        ModelSource.parse(ours),
+        ModelSource.parse(sam_file, masam_checkpoint=authors_file, image_size=TINY.image_size),
+    ):
+        model = source.load("cpu")
+        torch.testing.assert_close(_out(model, images), _out(trained, images), rtol=0, atol=0)
+    with pytest.raises(CheckpointError, match="not MA-SAM vit_b"):
+        ModelSource.parse("masam_vit_b", checkpoint=ours).load("cpu")

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import re
 import struct
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ._common import CheckpointError, PathLike, _file_sha256, _group_keys, _shape
+from ._common import CheckpointError, PathLike, _file_sha256, _group_keys, _torch
 
 if TYPE_CHECKING:
     import torch
@@ -187,18 +189,177 @@ def read_checkpoint_header(path: PathLike) -> dict[str, Any]:
         raise CheckpointError(f"{path}: the napari-masam header is damaged ({exc}).") from exc
 
 
+def read_tensor_shapes(path: PathLike) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor listed in a safetensors header (no tensor data read).
+
+    Raises
+    ------
+    CheckpointError
+        Not a readable safetensors file (safetensors itself checks that every listed tensor
+        lies within the file).
+    """
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            return {k: tuple(int(n) for n in f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
+    except Exception as exc:
+        raise CheckpointError(
+            f"Cannot read the tensor list of {path}: it is truncated, corrupted or not a "
+            f"safetensors file ({type(exc).__name__}: {exc})."
+        ) from exc
+
+
+#: No architecture number of a real model comes near this (largest: ViT-H's 5120-wide MLP).
+_MAX_CONFIG_NUMBER = 1 << 16
+
+
+def _config_numbers(value: Any) -> list[int]:
+    if isinstance(value, bool):
+        return []
+    if isinstance(value, int):
+        return [value]
+    if isinstance(value, Mapping):
+        return [n for v in value.values() for n in _config_numbers(v)]
+    if isinstance(value, (list, tuple)):
+        return [n for v in value for n in _config_numbers(v)]
+    return []
+
+
+def _mismatch_lines(
+    expected: Mapping[str, tuple[int, ...]], held: Mapping[str, tuple[int, ...]]
+) -> list[str]:
+    """Lines naming keys missing from / unexpected in ``held`` and shapes that differ."""
+    missing = [k for k in expected if k not in held]
+    unexpected = [k for k in held if k not in expected]
+    wrong = [k for k in held if k in expected and tuple(expected[k]) != tuple(held[k])]
+    lines = []
+    if wrong:
+        lines.append(
+            f"- {len(wrong)} tensors have other shapes (file vs config): "
+            + ", ".join(f"{k} {tuple(held[k])} vs {tuple(expected[k])}" for k in wrong[:6])
+        )
+    if missing:
+        lines.append(f"- missing {len(missing)} keys: {_group_keys(missing)}")
+    if unexpected:
+        lines.append(f"- unexpected {len(unexpected)} keys: {_group_keys(unexpected)}")
+    return lines
+
+
+def _masam_structure(config: Mapping[str, Any], held: Mapping[str, tuple[int, ...]]) -> list[str]:
+    """Cheap checks of an MA-SAM config's size numbers against the tensor list."""
+    problems = []
+    blocks = {int(m[1]) for k in held if (m := re.match(r"image_encoder\.blocks\.(\d+)\.", k))}
+    depth = config.get("depth")
+    if isinstance(depth, int) and depth != len(blocks):
+        problems.append(f"depth {depth} but the file holds tensors of {len(blocks)} encoder blocks")
+    patch = held.get("image_encoder.patch_embed.proj.weight")
+    dim = config.get("embed_dim")
+    if patch and isinstance(dim, int) and dim != patch[0]:
+        problems.append(
+            f"embed_dim {dim} but image_encoder.patch_embed.proj.weight is {tuple(patch)}"
+        )
+    return problems
+
+
+def _expected_shapes(kind: str, config: Mapping[str, Any]) -> dict[str, tuple[int, ...]] | None:
+    """State-dict shapes of the model a config describes, built without memory (meta device).
+
+    None for kinds whose builders cannot run on the meta device (the lite models).
+    """
+    if kind != "masam":
+        return None
+    torch = _torch()
+    from ..model.config import MASAMConfig
+    from ..model.masam import MASAM
+
+    cfg = MASAMConfig.from_dict(dict(config))
+    with torch.device("meta"):
+        model = MASAM(cfg)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def _lite_size_estimate(config: Mapping[str, Any]) -> int:
+    """Rough parameter count of a lite model's TinyViT encoder from its config (12 d^2 per block)."""
+    encoder = config.get("encoder") or {}
+    dims = encoder.get("embed_dims") or []
+    depths = encoder.get("depths") or []
+    return sum(12 * int(d) * int(d) * int(n) for d, n in zip(dims, depths))
+
+
+def check_header_against_tensors(
+    path: PathLike, header: Mapping[str, Any], held: Mapping[str, tuple[int, ...]]
+) -> None:
+    """Refuse a header config that does not describe the tensors the file really holds.
+
+    Runs before any model is built, so a header claiming a huge model (embed dim 4096 x 48
+    blocks over a small file) costs no memory: numbers are bounded, MA-SAM configs are compared
+    key by key with the tensor list (the model's shapes come from a meta-device build, which
+    allocates nothing), lite configs by their size estimate against the tensors' element count.
+
+    Raises
+    ------
+    CheckpointError
+        Naming the disagreeing numbers or keys, and the likely cause.
+    """
+    kind, config = header["kind"], header["config"]
+    cause = (
+        "The header was edited, or the file was written by another tool; it is not loaded. "
+        "Re-save the model with napari-masam or ask for the original file."
+    )
+    if not isinstance(config, Mapping):
+        raise CheckpointError(f"{path}: the header's config is not a JSON object. {cause}")
+    huge = [n for n in _config_numbers(config) if abs(n) > _MAX_CONFIG_NUMBER]
+    if huge:
+        raise CheckpointError(
+            f"{path}: the header's config holds impossible sizes ({', '.join(map(str, huge[:4]))}). "
+            + cause
+        )
+    held_numel = sum(math.prod(shape) for shape in held.values())
+    if kind == "masam":
+        problems = _masam_structure(config, held)
+        if problems:
+            raise CheckpointError(
+                f"{path}: the header's config does not describe the tensors in the file: "
+                + "; ".join(problems)
+                + ". "
+                + cause
+            )
+    try:
+        expected = _expected_shapes(kind, config)
+    except (ValueError, TypeError, KeyError) as exc:
+        raise CheckpointError(f"{path}: cannot rebuild the model from its header: {exc}") from exc
+    if expected is not None:
+        lines = _mismatch_lines(expected, held)
+        if lines:
+            raise CheckpointError(
+                "\n".join(
+                    [f"The tensors in {path} do not fit its own config ({kind}):", *lines, cause]
+                )
+            )
+    elif _lite_size_estimate(config) > 4 * held_numel + 1_000_000:
+        raise CheckpointError(
+            f"{path}: the header's config describes a model of about "
+            f"{_lite_size_estimate(config):,} parameters, but the file holds {held_numel:,} "
+            f"numbers. {cause}"
+        )
+
+
 def load_checkpoint(path: PathLike, device: str | torch.device = "cpu") -> SegmentationModel:
     """A model from one of our safetensors files (any kind), in eval mode on ``device``.
 
-    ``metadata.sha256`` is set to the digest of this file.
+    The header's config is checked against the tensor list of the file
+    (:func:`check_header_against_tensors`) before any model is built, so memory is bounded by
+    what the file really holds. ``metadata.sha256`` is set to the digest of this file.
 
     Raises
     ------
     FileNotFoundError
         The file does not exist.
     CheckpointError
-        Not a safetensors file, not ours, damaged header, or tensors not fitting the config
-        (missing/unexpected keys grouped, shape mismatches named).
+        Not a safetensors file, not ours, damaged header, a header config that does not
+        describe the file's tensors, or tensors not fitting the config (missing/unexpected keys
+        grouped, shape mismatches named).
     """
     from safetensors.torch import load_file
 
@@ -207,30 +368,24 @@ def load_checkpoint(path: PathLike, device: str | torch.device = "cpu") -> Segme
     target = resolve_device(device)
     path = Path(path)
     header = read_checkpoint_header(path)
+    held = read_tensor_shapes(path)
+    check_header_against_tensors(path, header, held)
     try:
         model = model_from_config(header["kind"], header["config"], header["metadata"])
     except (ValueError, TypeError) as exc:
         raise CheckpointError(f"{path}: cannot rebuild the model from its header: {exc}") from exc
+    own = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    lines = _mismatch_lines(own, held)
+    if lines:
+        raise CheckpointError(
+            "\n".join(
+                [f"The tensors in {path} do not fit its own config ({header['kind']}):", *lines]
+            )
+        )
     try:
         state = load_file(str(path), device="cpu")
     except Exception as exc:
         raise CheckpointError(f"Cannot read the tensors of {path} (truncated?): {exc}") from exc
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    wrong = [k for k in state if k in own and own[k].shape != state[k].shape]
-    if missing or unexpected or wrong:
-        lines = [f"The tensors in {path} do not fit its own config ({header['kind']}):"]
-        if wrong:
-            lines.append(
-                "- other shapes: "
-                + ", ".join(f"{k} {_shape(state[k])} vs {_shape(own[k])}" for k in wrong[:6])
-            )
-        if missing:
-            lines.append(f"- missing {len(missing)} keys: {_group_keys(missing)}")
-        if unexpected:
-            lines.append(f"- unexpected {len(unexpected)} keys: {_group_keys(unexpected)}")
-        raise CheckpointError("\n".join(lines))
     model.load_state_dict(state, strict=True)
     model.metadata = dataclasses.replace(model.metadata, sha256=_file_sha256(path))
     return model.to(target).eval()

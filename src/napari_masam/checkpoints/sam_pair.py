@@ -287,24 +287,22 @@ def _check_masam_against_sam(
     return found
 
 
-def _load_masam_part(
-    model: torch.nn.Module, ours: Mapping[str, torch.Tensor], path: Path, num_classes: int
+def _check_masam_part(
+    own: Mapping[str, tuple[int, ...]],
+    ours: Mapping[str, torch.Tensor],
+    path: Path,
+    num_classes: int,
 ) -> None:
-    """Load the MA-SAM file on top: strict for the trainable parts, shape-checked elsewhere."""
-    torch = _torch()
-    own = model.state_dict()
+    """The MA-SAM file against the model's shapes: strict for the trainable parts."""
     unexpected = [k for k in ours if k not in own]
     missing = [k for k in own if _is_trainable_key(k) and k not in ours]
-    wrong = [k for k in ours if k in own and own[k].shape != ours[k].shape]
+    wrong = [k for k in ours if k in own and tuple(own[k]) != tuple(ours[k].shape)]
     if not (unexpected or missing or wrong):
-        with torch.no_grad():
-            for key, tensor in ours.items():
-                own[key].copy_(tensor)
         return
     lines = [f"The MA-SAM checkpoint {path} does not fit the model built from it and the SAM base:"]
     if wrong:
         details = ", ".join(
-            f"{to_authors_key(k, saved=True)} {_shape(ours[k])} vs {_shape(own[k])}"
+            f"{to_authors_key(k, saved=True)} {_shape(ours[k])} vs {tuple(own[k])}"
             for k in wrong[:6]
         )
         if all(k.startswith("mask_decoder.") for k in wrong):
@@ -325,6 +323,37 @@ def _load_masam_part(
         "complete (the authors' files hold adapters, FacT, prompt encoder and mask decoder)."
     )
     raise CheckpointError("\n".join(lines))
+
+
+def _meta_shapes(config: MASAMConfig) -> dict[str, tuple[int, ...]]:
+    """State-dict shapes of MA-SAM with ``config``, from a meta-device build (no memory)."""
+    torch = _torch()
+    from ..model.masam import MASAM
+
+    with torch.device("meta"):
+        model = MASAM(config)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def _check_sam_covers_frozen(
+    own: Mapping[str, tuple[int, ...]],
+    sam_ours: Mapping[str, torch.Tensor],
+    sam_path: Path,
+    backbone: str,
+) -> None:
+    """Every frozen tensor of the model must come from the SAM base (else it would stay random)."""
+    lacking = [
+        k
+        for k, shape in own.items()
+        if not _is_trainable_key(k) and (k not in sam_ours or tuple(sam_ours[k].shape) != shape)
+    ]
+    if lacking:
+        raise CheckpointError(
+            f"The SAM checkpoint {sam_path} lacks {len(lacking)} frozen tensors the {backbone} "
+            f"model needs, or holds them in other shapes: {_group_keys(lacking)}. Those parts "
+            "would keep a random init; the file is incomplete or edited. Use Meta's complete "
+            f"{SAM_FILENAMES.get(backbone, 'sam_vit_*.pth')}."
+        )
 
 
 def load_masam(
@@ -473,8 +502,16 @@ def load_masam(
     if not isinstance(meta, ModelMetadata):  # pragma: no cover - defensive
         raise TypeError("metadata must be a ModelMetadata")
 
+    # every check against the files runs on shapes (a meta-device model allocates nothing)
+    # before the real model is built: memory stays bounded by what the files hold
+    sam_ours = sam_to_masam_state_dict(sam_state, config)
+    expected = _meta_shapes(config)
+    _check_sam_covers_frozen(expected, sam_ours, sam_path, arch["name"])
+    if masam_state is not None:
+        _check_masam_part(expected, masam_state, masam_path, classes)  # type: ignore[arg-type]
+
     model = MASAM(config, metadata=meta)
-    copied, skipped = copy_matching(model, sam_to_masam_state_dict(sam_state, config))
+    copied, skipped = copy_matching(model, sam_ours)
     logger.info(
         "SAM base %s: copied %d tensors, kept fresh init for %d (%s)",
         sam_path.name,
@@ -483,7 +520,7 @@ def load_masam(
         _group_keys(skipped, limit=6),
     )
     if masam_state is not None:
-        _load_masam_part(model, masam_state, masam_path, classes)  # type: ignore[arg-type]
+        copy_matching(model, masam_state)
     set_trainable(model)
     return model.to(target).eval()
 
