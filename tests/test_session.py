@@ -78,3 +78,18 @@ def test_session_passes_box_windows_through(model) -> None:
     assert tiled.timings["windows_encoded"] == 2  # groups 0-4 and 5-6 (padded)
     centred = run(session.iter_boxes(vol, boxes, preset="ct_abdomen", cache=EmbeddingCache()))
     assert centred.timings["windows_encoded"] == 6
+
+
+def test_session_propagates_with_its_cache(model) -> None:
+    from napari_masam.propagation import iter_propagate
+
+    session = SegmentationSession(model, "cpu")
+    vol = volume()
+    boxes = {1: {3: (10, 10, 40, 40)}}
+    direct = run(iter_propagate(model, vol, boxes, preset="ct_abdomen"))
+    first = run(session.iter_boxes(vol, boxes, propagate=True, preset="ct_abdomen"))
+    np.testing.assert_array_equal(first.labels, direct.labels)
+    assert first.mode == "propagate" and first.timings["windows_encoded"] > 0
+    # a second object on the same stack: decoder only
+    second = session.segment_propagate(vol, {2: {3: (20, 20, 50, 50)}}, preset="ct_abdomen")
+    assert second.timings["windows_encoded"] == 0 and second.timings["decoded"] >= 1

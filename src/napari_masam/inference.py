@@ -1,10 +1,12 @@
 """The headless engine: whole stacks through a :class:`SegmentationModel`, as generators.
 
-Two modes, one machinery:
+Three modes, one machinery:
 
 * :func:`iter_segment_automatic`: prompt-free multi-class labels, the MA-SAM authors' whole-volume
   procedure (spec ``MASAM.md`` section 7);
-* :func:`iter_segment_boxes`: one label per object from per-slice box prompts.
+* :func:`iter_segment_boxes`: one label per object from per-slice box prompts;
+* :func:`iter_propagate` (:mod:`napari_masam.propagation`, re-exported here): whole objects from a
+  few keyframe boxes/masks, walking through slices or frames, with a correction loop.
 
 Both are plain generators: they yield :class:`Progress` (one per finished slice, with that
 slice's labels) and ``return`` a :class:`SegmentationResult` (``StopIteration.value``; see
@@ -118,7 +120,7 @@ class SegmentationResult:
     preset : IntensityPreset
     model_name : str
     mode : str
-        ``"automatic"`` or ``"boxes"``.
+        ``"automatic"``, ``"boxes"`` or ``"propagate"``.
     stride : int or None
         Window stride (automatic).
     timings : dict
@@ -126,7 +128,9 @@ class SegmentationResult:
     preprocessing : dict
         JSON-able: preset, volume window, orientation transform, resize, slices per group.
     object_ids : tuple of int
-        Box mode: the objects segmented.
+        Box and propagate modes: the objects segmented.
+    extents : dict
+        Propagate mode: object id -> inclusive (first, last) slice the object covers.
     """
 
     labels: np.ndarray | None
@@ -139,6 +143,7 @@ class SegmentationResult:
     timings: dict[str, float] = field(default_factory=dict)
     preprocessing: dict[str, Any] = field(default_factory=dict)
     object_ids: tuple[int, ...] = ()
+    extents: dict[int, tuple[int, int]] = field(default_factory=dict)
 
     def provenance(self) -> dict[str, Any]:
         """JSON-able record for sidecars (everything but the labels)."""
@@ -149,6 +154,7 @@ class SegmentationResult:
             "class_colors": list(self.class_colors),
             "stride": self.stride,
             "object_ids": list(self.object_ids),
+            "extents": {str(k): list(v) for k, v in self.extents.items()},
             "preprocessing": self.preprocessing,
             "timings": self.timings,
         }
@@ -814,3 +820,12 @@ def iter_segment_boxes(
         preprocessing=eng.preprocessing(),
         object_ids=object_ids,
     )
+
+
+def __getattr__(name: str) -> Any:
+    # propagation builds on this module; re-exported lazily to avoid an import cycle
+    if name in ("iter_propagate", "PropagationConfig"):
+        from . import propagation
+
+        return getattr(propagation, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -124,6 +124,7 @@ class SegmentationSession:
         boxes: Mapping[int, Mapping[int, Sequence[float]]],
         *,
         windows: str = "centred",
+        propagate: bool = False,
         **kwargs: Any,
     ) -> Generator[Progress, None, SegmentationResult]:
         """:func:`napari_masam.inference.iter_segment_boxes` with the session's cache (a second
@@ -131,13 +132,42 @@ class SegmentationSession:
 
         ``windows``: ``"centred"`` (default; each boxed slice encoded in the group centred on
         it, D slice encodes per boxed slice) or ``"tiled"`` (non-overlapping groups of D slices,
-        each encoded once: about one slice encode per boxed slice). Other keyword arguments go
-        to the engine."""
+        each encoded once: about one slice encode per boxed slice). ``propagate=True``: the
+        boxes are keyframes and :meth:`iter_propagate` runs instead (``windows`` is then
+        ignored: propagation always encodes tiled groups). Other keyword arguments go to the
+        engine."""
+        if propagate:
+            return self.iter_propagate(stack, boxes, **kwargs)
         from .inference import iter_segment_boxes
 
         kwargs.setdefault("device", self.device)
         kwargs.setdefault("cache", self.cache)
         return iter_segment_boxes(self.model, stack, boxes, windows=windows, **kwargs)
+
+    def iter_propagate(
+        self,
+        stack: Any,
+        boxes: Mapping[int, Mapping[int, Sequence[float]]],
+        **kwargs: Any,
+    ) -> Generator[Progress, None, SegmentationResult]:
+        """:func:`napari_masam.propagation.iter_propagate` with the session's cache: keyframe
+        boxes (and ``masks=``) -> whole objects; ``previous=``/``changed=`` for the correction
+        loop; ``slice_ranges=``, ``config=`` (:class:`~napari_masam.propagation.
+        PropagationConfig`) and the engine's keywords. A second object on the same stack costs
+        decoder time only (embeddings come from the cache)."""
+        from .propagation import iter_propagate
+
+        kwargs.setdefault("device", self.device)
+        kwargs.setdefault("cache", self.cache)
+        return iter_propagate(self.model, stack, boxes, **kwargs)
+
+    def segment_propagate(
+        self, stack: Any, boxes: Mapping[int, Mapping[int, Sequence[float]]], **kwargs: Any
+    ) -> SegmentationResult:
+        """Run :meth:`iter_propagate` to the end and return its result."""
+        from .inference import run
+
+        return run(self.iter_propagate(stack, boxes, **kwargs))
 
     def segment_automatic(self, stack: Any, **kwargs: Any) -> SegmentationResult:
         """Run :meth:`iter_automatic` to the end and return its result."""

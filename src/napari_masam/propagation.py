@@ -1,0 +1,625 @@
+"""One prompt, the whole object: propagation of box/mask keyframes through slices and frames.
+
+The same engine serves volumes (slices) and videos (frames), and every model kind: a model is
+asked only for box-prompted masks of single slices (``encode`` + ``decode``), so LiteMedSAM
+(D = 1) and 5-slice MA-SAM work alike; for D > 1 the stack is cut into non-overlapping groups of
+D slices (the ``"tiled"`` windows of :func:`napari_masam.inference.iter_segment_boxes`) and each
+group is encoded once, whichever walk needs it first; with an
+:class:`~napari_masam.cache.EmbeddingCache` the rows are shared with box runs and with later
+objects (a second object on the same stack costs decoder time only).
+
+Algorithm (per object)
+----------------------
+1. **Keyframes** are the slices that carry a user prompt: a box (segmented with the model) or a
+   mask (a slice the user fixed with the brush, taken as is).
+2. **Walks**: from every keyframe, one walk goes up and one goes down, slice by slice. The box
+   of the next slice is the bounding box of the mask just found grown by
+   :attr:`PropagationConfig.margin_px` / :attr:`~PropagationConfig.margin_fraction`
+   (:func:`napari_masam.prompts.expand_box`). A walk ends at the next keyframe (exclusive), at
+   the object's slice range (``slice_ranges``; never past it) or at the stack's end, or earlier
+   when the **object ends** (:class:`PropagationConfig`): the mask's area drops below
+   ``min_area_fraction`` x the area of the walk's keyframe mask (or below ``min_area_px``), or
+   grows by more than ``max_growth`` x the previous slice's area in one step (a leak into a
+   neighbouring structure). The slice where it ends and every slice after it get nothing from
+   that walk.
+3. **Meeting walks**: between two keyframes ``k1 < k2`` both walks cover every slice; slice ``z``
+   takes the probability ``w1 * p1 + w2 * p2`` with inverse-distance weights
+   ``w1 = (k2 - z) / (k2 - k1)``, ``w2 = (z - k1) / (k2 - k1)`` (a walk that ended before
+   ``z`` contributes ``p = 0``). The weights change by ``1 / (k2 - k1)`` per slice, so there is
+   no seam where the walks meet; next to a keyframe its own walk dominates.
+4. **Labels**: pixels with probability > ``threshold``; where objects overlap, the most
+   probable object wins (as in box mode).
+
+Streaming and cancel: all walks advance in lockstep (one slice per walk and step, decoded in
+one batch); a slice is final, written to the target and yielded as soon as no walk can still
+reach it. Closing the generator keeps every slice yielded so far.
+
+Correction loop: given the labels of an earlier run (``previous``) and the keyframes that
+changed (``changed``: a redrawn box, or a brush-fixed mask marked as keyframe), only what
+depends on them is recomputed: the changed keyframe itself, the gaps between it and its
+neighbouring keyframes (both walks again, decoder only when the embeddings are cached) and,
+beyond the outermost keyframe, the outward walk until its new mask equals the previous mask of
+that object on a slice (from there on the walk would repeat itself: it is deterministic given
+a slice's mask) or the object ends (then the object's older voxels beyond are removed). Every
+other voxel of ``previous`` is kept bit for bit.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections import OrderedDict
+from collections.abc import Generator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .io._common import label_dtype_for
+from .prompts import check_boxes_in_stack, expand_box, mask_box
+
+if TYPE_CHECKING:
+    import torch
+
+    from .cache import EmbeddingCache
+    from .inference import Progress, SegmentationResult, _Engine
+    from .model.base import SegmentationModel
+    from .preprocess import IntensityPreset
+
+#: Probabilities below this are stored as 0 between walk steps (memory: only the region of an
+#: object's probability map above it is kept per pending slice).
+_PROB_FLOOR = 0.01
+
+
+@dataclass(frozen=True)
+class PropagationConfig:
+    """How a walk derives the next prompt and decides that the object ended.
+
+    Attributes
+    ----------
+    margin_px : float
+        Each side of the next slice's box is the previous mask's bounding box moved out by
+        ``max(margin_px, margin_fraction * side)`` pixels.
+    margin_fraction : float
+        See ``margin_px`` (fraction of the box's width/height).
+    min_area_fraction : float
+        The object ended when a slice's mask has fewer pixels than this fraction of the walk's
+        keyframe mask.
+    min_area_px : int
+        ... or fewer than this many pixels (absolute floor; an empty mask always ends a walk).
+    max_growth : float
+        The walk ended (leaked) when a slice's mask has more than ``max_growth`` times the
+        pixels of the previous slice's mask.
+    """
+
+    margin_px: float = 2.0
+    margin_fraction: float = 0.0
+    min_area_fraction: float = 0.1
+    min_area_px: int = 4
+    max_growth: float = 3.0
+
+    def __post_init__(self) -> None:
+        if self.margin_px < 0 or self.margin_fraction < 0:
+            raise ValueError(
+                f"Margins must be >= 0, got {self.margin_px} px / {self.margin_fraction}."
+            )
+        if not 0 <= self.min_area_fraction < 1:
+            raise ValueError(f"min_area_fraction must be in [0, 1), got {self.min_area_fraction}.")
+        if self.min_area_px < 1:
+            raise ValueError(f"min_area_px must be >= 1, got {self.min_area_px}.")
+        if not self.max_growth > 1:
+            raise ValueError(f"max_growth must be > 1, got {self.max_growth}.")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able (results' ``preprocessing["propagation"]``)."""
+        return asdict(self)
+
+
+# ----------------------------------------------------------------------------------------------
+# Internal records
+# ----------------------------------------------------------------------------------------------
+_KEEP = "keep"  # contribution marker: the object's previous voxels stay on this slice
+
+
+@dataclass
+class _Crop:
+    """A probability map stored as its bounding region above :data:`_PROB_FLOOR` (float16)."""
+
+    y0: int
+    x0: int
+    values: np.ndarray  # h x w float16
+
+    @classmethod
+    def of(cls, prob: np.ndarray) -> _Crop | None:
+        box = mask_box(prob > _PROB_FLOOR)
+        if box is None:
+            return None
+        x0, y0, x1, y1 = box
+        return cls(y0, x0, prob[y0 : y1 + 1, x0 : x1 + 1].astype(np.float16))
+
+    def add_into(self, full: np.ndarray, weight: float) -> None:
+        h, w = self.values.shape
+        full[self.y0 : self.y0 + h, self.x0 : self.x0 + w] += weight * self.values.astype(
+            np.float32
+        )
+
+
+@dataclass
+class _Walk:
+    oid: int
+    origin: int
+    step: int  # +1 up, -1 down (stack slice order)
+    pos: int  # next slice to visit
+    limit: int  # last slice it may visit (inclusive)
+    gap: tuple[int, int] | None  # (k1, k2) when it walks between two keyframes
+    compare: bool  # correction mode outer walk: stop where the mask equals the previous one
+    box: tuple[int, int, int, int] | None = None
+    ref_area: int = 0
+    prev_area: int = 0
+    active: bool = True
+
+    def weight(self, z: int) -> float:
+        if self.gap is None:
+            return 1.0
+        k1, k2 = self.gap
+        near_other = (k2 - z) if self.origin == k1 else (z - k1)
+        return near_other / (k2 - k1)
+
+    def remaining(self) -> range:
+        return range(self.pos, self.limit + self.step, self.step)
+
+
+@dataclass
+class _SliceState:
+    """What is still expected / already known for one slice."""
+
+    expected: dict[int, int] = field(default_factory=dict)  # oid -> contributions expected
+    parts: dict[int, list[tuple[float, Any]]] = field(default_factory=dict)  # oid -> (w, crop)
+    written: bool = False  # at least one object will be (re)written here
+
+    def pending(self) -> int:
+        return sum(n - len(self.parts.get(oid, ())) for oid, n in self.expected.items())
+
+
+# ----------------------------------------------------------------------------------------------
+# Planning
+# ----------------------------------------------------------------------------------------------
+def _keyframes(
+    boxes: Mapping[int, Mapping[int, Sequence[float]]],
+    masks: Mapping[int, Mapping[int, np.ndarray]] | None,
+    stack_shape: tuple[int, int, int],
+) -> dict[int, dict[int, Any]]:
+    """oid -> {slice: ("box", xyxy) | ("mask", (Y, X) bool)}; masks win over boxes."""
+    out: dict[int, dict[int, Any]] = {}
+    for oid, per in check_boxes_in_stack(boxes, stack_shape).items():
+        for z, b in per.items():
+            out.setdefault(oid, {})[z] = ("box", b)
+    for oid, per in (masks or {}).items():
+        oid = int(oid)
+        if oid < 1:
+            raise ValueError(f"Object ids must be positive integers, got {oid}.")
+        for z, m in per.items():
+            z = int(z)
+            if not 0 <= z < stack_shape[0]:
+                raise ValueError(
+                    f"Object {oid} has a mask keyframe on slice {z}, outside the stack's "
+                    f"{stack_shape[0]} slices."
+                )
+            arr = np.asarray(m)
+            if arr.shape != tuple(stack_shape[1:]):
+                raise ValueError(
+                    f"Object {oid}, slice {z}: a mask keyframe must be (Y, X) = "
+                    f"{tuple(stack_shape[1:])}, got {arr.shape}."
+                )
+            out.setdefault(oid, {})[z] = ("mask", arr.astype(bool))
+    return {oid: dict(sorted(per.items())) for oid, per in sorted(out.items())}
+
+
+def _object_range(
+    oid: int, keys: Sequence[int], slice_ranges: Mapping[int, Sequence[int]] | None, depth: int
+) -> tuple[int, int]:
+    rng = None if slice_ranges is None else slice_ranges.get(oid)
+    if rng is None:
+        return 0, depth - 1
+    first, last = (int(v) for v in rng)
+    first, last = min(first, last), max(first, last)
+    first, last = max(first, 0), min(last, depth - 1)
+    outside = [k for k in keys if not first <= k <= last]
+    if outside:
+        raise ValueError(
+            f"Object {oid}: keyframes on slices {outside} lie outside its slice range "
+            f"{first}..{last}; widen the range or remove those prompts."
+        )
+    return first, last
+
+
+def _plan(
+    keys: Sequence[int],
+    first: int,
+    last: int,
+    changed: set[int] | None,
+    oid: int,
+) -> tuple[list[int], list[_Walk], set[int]]:
+    """Seeds to compute, walks to run and keyframes to (re)write for one object.
+
+    ``changed`` None: a fresh run (every keyframe, gap and outer walk)."""
+    keys = sorted(keys)
+    fresh = changed is None
+    changed = set(keys) if fresh else {k for k in changed if k in keys}
+    walks: list[_Walk] = []
+    seeds: set[int] = set(changed)
+    if keys[0] in changed and keys[0] > first:
+        walks.append(_Walk(oid, keys[0], -1, keys[0] - 1, first, None, not fresh))
+    if keys[-1] in changed and keys[-1] < last:
+        walks.append(_Walk(oid, keys[-1], +1, keys[-1] + 1, last, None, not fresh))
+    for k1, k2 in itertools.pairwise(keys):
+        if k2 - k1 < 2 or not (k1 in changed or k2 in changed):
+            continue
+        seeds |= {k1, k2}
+        walks.append(_Walk(oid, k1, +1, k1 + 1, k2 - 1, (k1, k2), False))
+        walks.append(_Walk(oid, k2, -1, k2 - 1, k1 + 1, (k1, k2), False))
+    return sorted(seeds), walks, set(changed)
+
+
+# ----------------------------------------------------------------------------------------------
+# The engine
+# ----------------------------------------------------------------------------------------------
+class _Embeddings:
+    """Tiled-group embeddings by oriented slice: each group of D slices encoded once per run
+    (kept while walks need it; the run's cache, if any, keeps rows for later runs)."""
+
+    def __init__(self, eng: _Engine) -> None:
+        self.eng = eng
+        self._tiles: OrderedDict[int, torch.Tensor] = OrderedDict()
+
+    def rows(self, stack_slices: Sequence[int], keep: int) -> torch.Tensor:
+        """(N, E, g, g) embeddings of the given stack slices (encoding missing groups)."""
+        import torch
+
+        eng = self.eng
+        oriented = [eng.transform.slice_to_model(z, eng.depth) for z in stack_slices]
+        tiles = sorted({z - z % eng.group for z in oriented})
+        missing = [t for t in tiles if t not in self._tiles]
+        for b in range(0, len(missing), eng.batch_size):
+            batch = missing[b : b + eng.batch_size]
+            emb = eng.embeddings([eng.members(t + eng.front) for t in batch], None)
+            emb = emb.reshape(len(batch), eng.group, *emb.shape[1:])
+            for j, t in enumerate(batch):
+                self._tiles[t] = emb[j]
+        for t in tiles:
+            self._tiles.move_to_end(t)
+        while len(self._tiles) > max(keep, len(tiles)):
+            self._tiles.popitem(last=False)
+        eng.keep_only(
+            {m for t in self._tiles for m in eng.members(t + eng.front)}
+        )  # prepared slices of live groups only
+        return torch.stack([self._tiles[z - z % eng.group][z % eng.group] for z in oriented])
+
+
+def _decode(
+    eng: _Engine, emb: _Embeddings, jobs: Sequence[tuple[int, tuple[int, int, int, int]]], keep: int
+) -> np.ndarray:
+    """Foreground probabilities (N, Y, X) float32 on the stack grid of (slice, box) jobs."""
+    import torch
+
+    from .preprocess import probabilities_to_grid
+
+    if not jobs:
+        return np.zeros((0, *eng.stack_shape[1:]), np.float32)
+    rows = emb.rows([z for z, _ in jobs], keep)
+    boxes = torch.from_numpy(np.stack([eng.box_to_model(b) for _, b in jobs])).to(rows.device)
+    logits = eng.decode(rows, boxes)  # N x C+1 x h x w
+    fg = 1.0 - logits.float().softmax(dim=1)[:, :1]
+    fg = probabilities_to_grid(fg, eng.info)[:, 0].cpu().numpy()  # N x Y x X (oriented)
+    return np.stack([np.ascontiguousarray(eng.transform.inplane_from_model(p)) for p in fg])
+
+
+def iter_propagate(
+    model: SegmentationModel,
+    stack: Any,
+    boxes: Mapping[int, Mapping[int, Sequence[float]]],
+    *,
+    masks: Mapping[int, Mapping[int, np.ndarray]] | None = None,
+    slice_ranges: Mapping[int, Sequence[int]] | None = None,
+    config: PropagationConfig | None = None,
+    previous: np.ndarray | None = None,
+    changed: Mapping[int, Sequence[int]] | None = None,
+    preset: str | IntensityPreset | None = None,
+    device: Any = None,
+    cache: EmbeddingCache | None = None,
+    stack_orientation: str | None = None,
+    batch_size: int | None = None,
+    out: Any = None,
+    keep_labels: bool = True,
+    threshold: float = 0.5,
+    autocast: bool = True,
+    num_threads: int | None = None,
+    window: tuple[float, float] | None = None,
+) -> Generator[Progress, None, SegmentationResult]:
+    """Segment whole objects from a few keyframe prompts by walking through the stack.
+
+    See the module docstring for the algorithm, the stop criterion and how walks meet.
+
+    Parameters
+    ----------
+    model : SegmentationModel
+        With ``supports_boxes`` (:func:`napari_masam.inference.check_mode` ``"propagate"``).
+    stack : array-like
+        (Z, Y, X) grey volume or (T, Y, X, 3) uint8 RGB video; read slice by slice.
+    boxes : mapping object id -> mapping slice -> xyxy
+        Keyframe boxes (inclusive pixels, :mod:`napari_masam.prompts`); NOT interpolated: one
+        box per object is enough. Cut to the slice; outside the stack: ValueError.
+    masks : mapping object id -> mapping slice -> (Y, X) bool, or None
+        Keyframe masks (slices fixed by the user); kept as they are and walked from like a box
+        keyframe. A mask wins over a box on the same slice.
+    slice_ranges : mapping object id -> (first, last), or None
+        Inclusive slices an object may occupy (default: the whole stack): no walk leaves it.
+    config : PropagationConfig or None
+    previous : ndarray or None
+        (Z, Y, X) labels of an earlier run (correction loop; needs ``changed``).
+    changed : mapping object id -> slices, or None
+        The keyframes of each object that changed since ``previous``. Objects not named keep
+        their voxels; see the module docstring for what is recomputed.
+    preset, device, cache, stack_orientation, keep_labels, autocast, num_threads, window
+        As :func:`napari_masam.inference.iter_segment_boxes`.
+    batch_size : int or None
+        Groups encoded per forward pass.
+    out : array-like or None
+        (Z, Y, X) target, written on the slices that change (with ``previous``: also the
+        result's base, e.g. ``out=previous`` to correct in place).
+    threshold : float
+        Probability above which a pixel belongs to an object.
+
+    Yields
+    ------
+    Progress
+        ``stage="propagate"``, one per finished slice in completion order (not stack order):
+        ``labels_slice`` is the slice's complete new labels (all objects), or None where
+        nothing changed on it (e.g. slices a walk could have reached but did not).
+        ``total`` counts the slices walks may reach (an upper bound).
+
+    Returns
+    -------
+    SegmentationResult
+        ``mode="propagate"``; ``extents`` = object id -> (first, last) slice it covers;
+        ``timings["windows_encoded"]`` = encoder calls (groups), ``timings["decoded"]`` = masks
+        decoded; ``preprocessing["propagation"]`` = the config.
+
+    Raises
+    ------
+    ValueError
+        For a model without box prompts, prompts outside the stack or a keyframe outside the
+        object's range, ``previous`` with another shape, ``changed`` without ``previous``, or a
+        slice-reordering orientation.
+    """
+    from .inference import Progress, SegmentationResult, _start_engine, _torch_threads, object_color
+
+    if changed is not None and previous is None:
+        raise ValueError("changed keyframes need the previous labels (previous=...).")
+    config = PropagationConfig() if config is None else config
+    t_start = time.perf_counter()
+    eng = _start_engine(
+        "propagate",
+        model,
+        stack,
+        num_threads,
+        preset=preset,
+        device=device,
+        cache=cache,
+        stack_orientation=stack_orientation,
+        batch_size=batch_size,
+        autocast=autocast,
+        window=window,
+    )
+    if not eng.transform.keeps_slice_axis:
+        raise ValueError(
+            "Propagation needs the stack's slice axis to be the model's slice axis; reorient "
+            f"the stack first (stack transform {eng.transform.to_dict()})."
+        )
+    depth = eng.stack_shape[0]
+    shape_yx = eng.stack_shape[1:]
+    keyframes = _keyframes(boxes, masks, eng.stack_shape)
+    if previous is not None:
+        previous = np.asarray(previous)
+        if previous.shape != eng.stack_shape:
+            raise ValueError(
+                f"previous labels have shape {previous.shape}, expected {eng.stack_shape}."
+            )
+    changed_sets = (
+        None if changed is None else {int(o): {int(z) for z in zs} for o, zs in changed.items()}
+    )
+
+    # -- plan -------------------------------------------------------------------------------
+    seeds: list[tuple[int, int]] = []  # (oid, slice)
+    walks: list[_Walk] = []
+    states: dict[int, _SliceState] = {}
+    rewrite: dict[int, set[int]] = {}  # oid -> keyframes (re)written
+    for oid, per in keyframes.items():
+        if changed_sets is not None and oid not in changed_sets:
+            continue
+        first, last = _object_range(oid, list(per), slice_ranges, depth)
+        s, w, kf = _plan(
+            list(per), first, last, None if changed_sets is None else changed_sets[oid], oid
+        )
+        seeds += [(oid, z) for z in s]
+        walks += w
+        rewrite[oid] = kf
+        for z in kf:
+            st = states.setdefault(z, _SliceState())
+            st.expected[oid] = st.expected.get(oid, 0) + 1
+            st.written = True
+        for walk in w:
+            for z in walk.remaining():
+                st = states.setdefault(z, _SliceState())
+                st.expected[oid] = st.expected.get(oid, 0) + 1
+    object_ids = tuple(sorted(rewrite))
+    prev_max = 0 if previous is None else int(previous.max(initial=0))
+    dtype = label_dtype_for(max(max(object_ids, default=0), prev_max))
+    if previous is not None and out is None:
+        target = previous.astype(np.promote_types(previous.dtype, dtype)) if keep_labels else None
+    else:
+        target = eng.labels_target(out, keep_labels, dtype)
+    total = len(states)
+    done = 0
+    keep_tiles = 2 * max(1, len(walks)) + 2
+    emb = _Embeddings(eng)
+    eng.timings["decoded"] = 0
+    thr = float(threshold)
+
+    def previous_slice(z: int) -> np.ndarray:
+        if previous is not None:
+            return np.asarray(previous[z])
+        return np.zeros(shape_yx, dtype)
+
+    def finish(z: int) -> Progress:
+        st = states.pop(z)
+        base = previous_slice(z)
+        labels = base.astype(dtype, copy=True) if base.dtype != dtype else base.copy()
+        probs: list[np.ndarray] = []
+        ids: list[int] = []
+        for oid, parts in st.parts.items():
+            if any(c is _KEEP for _, c in parts):
+                continue  # the walk reached the previous result: this object is unchanged here
+            labels[labels == oid] = 0
+            full = np.zeros(shape_yx, np.float32)
+            for weight, crop in parts:
+                if crop is not None:
+                    crop.add_into(full, weight)
+            probs.append(full)
+            ids.append(oid)
+        if probs:
+            p = np.stack(probs)
+            best = p.max(axis=0)
+            winner = np.asarray(ids)[p.argmax(axis=0)]
+            free = labels == 0
+            labels[free & (best > thr)] = winner[free & (best > thr)]
+        changed_here = not np.array_equal(labels, base)
+        if target is not None and (changed_here or (st.written and previous is None)):
+            target[z] = labels
+        return Progress(
+            done,
+            total,
+            time.perf_counter() - t_start,
+            z,
+            labels if (changed_here or st.written) else None,
+            "propagate",
+        )
+
+    def contribute(oid: int, z: int, weight: float, crop: Any) -> None:
+        st = states.get(z)
+        if st is None or oid not in st.expected:
+            return
+        st.parts.setdefault(oid, []).append((weight, crop))
+
+    def end_walk(walk: _Walk, marker: Any) -> None:
+        """Close a walk: its remaining slices (from ``pos``) get ``marker`` (None: nothing from
+        this walk; _KEEP: the object's previous voxels stay)."""
+        for z in walk.remaining():
+            contribute(walk.oid, z, walk.weight(z), marker)
+        walk.active = False
+
+    def ready() -> list[int]:
+        return sorted(z for z, st in states.items() if st.pending() == 0)
+
+    was_training = model.training
+    if was_training:
+        model.eval()
+    try:
+        # -- keyframes: seed masks --------------------------------------------------------
+        seed_masks: dict[tuple[int, int], np.ndarray] = {}
+        box_jobs = [(oid, z) for oid, z in seeds if keyframes[oid][z][0] == "box"]
+        with _torch_threads(num_threads), eng.compute():
+            for b in range(0, len(box_jobs), max(1, eng.batch_size)):
+                chunk = box_jobs[b : b + max(1, eng.batch_size)]
+                p = _decode(eng, emb, [(z, keyframes[o][z][1]) for o, z in chunk], keep_tiles)
+                eng.timings["decoded"] += len(chunk)
+                for (oid, z), pz in zip(chunk, p, strict=True):
+                    seed_masks[(oid, z)] = pz
+        for oid, z in seeds:
+            kind, value = keyframes[oid][z]
+            prob = value.astype(np.float32) if kind == "mask" else seed_masks[(oid, z)]
+            seed_masks[(oid, z)] = prob
+            if z in rewrite[oid]:
+                contribute(oid, z, 1.0, _Crop.of(prob))
+        for walk in walks:
+            m = seed_masks[(walk.oid, walk.origin)] > thr
+            area = int(m.sum())
+            box = mask_box(m)
+            if box is None or area < config.min_area_px:
+                end_walk(walk, None)
+                continue
+            walk.ref_area = walk.prev_area = area
+            walk.box = expand_box(
+                box, shape_yx, margin_px=config.margin_px, margin_fraction=config.margin_fraction
+            )
+        for z in ready():
+            done += 1
+            yield finish(z)
+
+        # -- lockstep walks ---------------------------------------------------------------
+        while True:
+            active = [w for w in walks if w.active]
+            if not active:
+                break
+            with _torch_threads(num_threads), eng.compute():
+                probs = _decode(eng, emb, [(w.pos, w.box) for w in active], keep_tiles)
+            eng.timings["decoded"] += len(active)
+            for walk, prob in zip(active, probs, strict=True):
+                z = walk.pos
+                m = prob > thr
+                area = int(m.sum())
+                floor = max(config.min_area_px, config.min_area_fraction * walk.ref_area)
+                if area < floor or area > config.max_growth * walk.prev_area:
+                    end_walk(walk, None)
+                    continue
+                if (
+                    walk.compare
+                    and previous is not None
+                    and np.array_equal(m, np.asarray(previous[z]) == walk.oid)
+                ):
+                    end_walk(walk, _KEEP)
+                    continue
+                contribute(walk.oid, z, walk.weight(z), _Crop.of(prob))
+                walk.prev_area = area
+                walk.box = expand_box(
+                    mask_box(m),  # type: ignore[arg-type]
+                    shape_yx,
+                    margin_px=config.margin_px,
+                    margin_fraction=config.margin_fraction,
+                )
+                walk.pos += walk.step
+                if (walk.pos - walk.limit) * walk.step > 0:
+                    walk.active = False
+            for z in ready():
+                done += 1
+                yield finish(z)
+        for z in ready():  # pragma: no cover - every slice is ready once all walks ended
+            done += 1
+            yield finish(z)
+    finally:
+        if was_training:
+            model.train()
+    extents: dict[int, tuple[int, int]] = {}
+    if target is not None:
+        present = np.asarray(target)
+        for oid in sorted(set(object_ids) | set(keyframes)):
+            zs = np.flatnonzero((present == oid).any(axis=(1, 2)))
+            if zs.size:
+                extents[oid] = (int(zs[0]), int(zs[-1]))
+    eng.timings["total_s"] = time.perf_counter() - t_start
+    preprocessing = eng.preprocessing()
+    preprocessing["propagation"] = config.to_dict()
+    all_ids = tuple(sorted(keyframes))
+    return SegmentationResult(
+        labels=target,
+        class_names=tuple(f"object {oid}" for oid in all_ids),
+        class_colors=tuple(object_color(oid) for oid in all_ids),
+        preset=eng.preset,
+        model_name=model.metadata.name,
+        mode="propagate",
+        stride=None,
+        timings=dict(eng.timings),
+        preprocessing=preprocessing,
+        object_ids=all_ids,
+        extents=extents,
+    )

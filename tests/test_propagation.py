@@ -1,0 +1,266 @@
+"""Propagation of keyframe prompts through a stack, on a deterministic model.
+
+``Threshold`` segments exactly the bright pixels inside the box it is given (logits +-10), so
+what the engine does with boxes, walks, stops, meetings and corrections is exactly checkable
+against a phantom of known extent.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from napari_masam.cache import EmbeddingCache
+from napari_masam.inference import PropagationConfig, iter_propagate, iter_segment_boxes, run
+from napari_masam.model.base import ModelMetadata, SegmentationModel
+from napari_masam.prompts import interpolate_keyframes, mask_box
+
+S = 64
+DEPTH = 32
+FIRST, LAST = 5, 25  # the phantom's extent
+CENTRE = (30, 34)  # (row, col)
+
+
+class Threshold(SegmentationModel):
+    """Foreground = model pixels inside the box whose (group-normalised) value is > 0.5."""
+
+    kind = "threshold"
+
+    def __init__(self, group: int = 1) -> None:
+        super().__init__()
+        self.image_size = S
+        self.slices_per_group = group
+        self.num_classes = 1
+        self.supports_automatic = False
+        self.supports_boxes = True
+        self.metadata = ModelMetadata("threshold", orientation="", resize_mode="stretch")
+        self.dummy = nn.Parameter(torch.zeros(()))
+        self.encoded = 0  # slices encoded
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        self.encoded += images.shape[0] * images.shape[1]
+        return images.flatten(0, 1)[:, :1] + self.dummy
+
+    def decode(self, embeddings, boxes_xyxy=None):
+        idx = torch.arange(self.image_size, dtype=torch.float32)
+        b = boxes_xyxy.float()
+        inx = (idx >= b[:, 0:1] - 0.5) & (idx < b[:, 2:3] + 0.5)
+        iny = (idx >= b[:, 1:2] - 0.5) & (idx < b[:, 3:4] + 0.5)
+        fg = (iny[:, :, None] & inx[:, None, :]) & (embeddings[:, 0] > 0.5)
+        fg = torch.where(fg, 10.0, -10.0)
+        return torch.stack([torch.zeros_like(fg), fg], dim=1)
+
+
+def radius(z: int) -> float:
+    """A cross-section that changes non-linearly: grows fast, plateaus, shrinks."""
+    t = (z - FIRST) / (LAST - FIRST)
+    return 5.0 + 7.0 * np.sin(np.pi * t) ** 0.5
+
+
+def phantom() -> tuple[np.ndarray, np.ndarray]:
+    """(Z, S, S) float32 image (1 inside the object, 0 outside) and its uint8 truth."""
+    rows, cols = np.mgrid[:S, :S]
+    truth = np.zeros((DEPTH, S, S), np.uint8)
+    for z in range(FIRST, LAST + 1):
+        r = radius(z)
+        truth[z] = (rows - CENTRE[0]) ** 2 + ((cols - CENTRE[1]) * 0.8) ** 2 <= r * r
+    image = truth.astype(np.float32)
+    image[:, 2:6, 2:6] = 0.2  # something dim in every slice, so that min-max never divides by 0
+    return image, truth
+
+
+def box_of(truth: np.ndarray, z: int) -> tuple[int, int, int, int]:
+    return mask_box(truth[z] > 0)  # type: ignore[return-value]
+
+
+@pytest.fixture
+def data():
+    return phantom()
+
+
+def test_one_box_gives_the_whole_object_and_stops_at_its_end(data) -> None:
+    image, truth = data
+    model = Threshold()
+    seen = []
+    gen = iter_propagate(model, image, {1: {15: box_of(truth, 15)}}, preset="minmax")
+    result = None
+    try:
+        while True:
+            seen.append(next(gen))
+    except StopIteration as stop:
+        result = stop.value
+    np.testing.assert_array_equal(result.labels, truth)
+    assert result.extents == {1: (FIRST, LAST)}
+    assert result.mode == "propagate" and result.object_ids == (1,)
+    # every finished slice streamed once, labels as written
+    assert sorted(p.slice_index for p in seen) == list(range(DEPTH))
+    for p in seen:
+        if p.labels_slice is not None:
+            np.testing.assert_array_equal(p.labels_slice, truth[p.slice_index])
+        else:
+            assert not truth[p.slice_index].any()
+    # walks ended on the first empty slice each way: decoded 1 keyframe + 10 + 1 up + 10 + 1 down
+    assert result.timings["decoded"] == 1 + (LAST - 15 + 1) + (15 - FIRST + 1)
+    assert result.preprocessing["propagation"] == PropagationConfig().to_dict()
+
+
+def test_slice_range_is_never_left(data) -> None:
+    image, truth = data
+    result = run(
+        iter_propagate(Threshold(), image, {1: {15: box_of(truth, 15)}}, slice_ranges={1: (12, 19)})
+    )
+    expected = truth.copy()
+    expected[:12] = 0
+    expected[20:] = 0
+    np.testing.assert_array_equal(result.labels, expected)
+    with pytest.raises(ValueError, match="outside its slice range"):
+        run(
+            iter_propagate(
+                Threshold(), image, {1: {15: box_of(truth, 15)}}, slice_ranges={1: (0, 9)}
+            )
+        )
+
+
+def test_stop_criterion_area_fraction() -> None:
+    image, truth = phantom()
+    # the tips (radius 5 at the ends, 12 in the middle) are < 40 % of the keyframe's area
+    config = PropagationConfig(min_area_fraction=0.4)
+    result = run(iter_propagate(Threshold(), image, {1: {15: box_of(truth, 15)}}, config=config))
+    area = truth.reshape(DEPTH, -1).sum(axis=1)
+    kept = [z for z in range(DEPTH) if result.labels[z].any()]
+    first_small_up = next(z for z in range(15, DEPTH) if area[z] < 0.4 * area[15])
+    first_small_down = next(z for z in range(15, -1, -1) if area[z] < 0.4 * area[15])
+    assert kept == list(range(first_small_down + 1, first_small_up))
+    for z in kept:
+        np.testing.assert_array_equal(result.labels[z], truth[z])
+
+
+def test_two_keyframes_meet_without_a_seam(data) -> None:
+    image, truth = data
+    boxes = {1: {8: box_of(truth, 8), 22: box_of(truth, 22)}}
+    result = run(iter_propagate(Threshold(), image, boxes))
+    np.testing.assert_array_equal(result.labels, truth)
+    # what interpolated keyframes give on the same phantom (the non-linear profile is lost)
+    interp = run(iter_segment_boxes(Threshold(), image, {1: interpolate_keyframes(boxes[1])}))
+    assert (interp.labels != truth).sum() > 0
+
+
+def test_meeting_walks_are_weighted_by_distance() -> None:
+    # two different keyframe masks on an all-bright stack: the walk from each keyframe keeps
+    # its own mask (the Threshold model fills the box), the combination switches half way
+    image = np.ones((11, S, S), np.float32)
+    image[:, 0, 0] = 0
+    a = np.zeros((S, S), bool)
+    a[10:20, 10:20] = True
+    b = np.zeros((S, S), bool)
+    b[30:50, 30:50] = True
+    config = PropagationConfig(margin_px=0, max_growth=100)
+    result = run(iter_propagate(Threshold(), image, {}, masks={1: {0: a, 10: b}}, config=config))
+    lab = result.labels
+    np.testing.assert_array_equal(lab[0], a)
+    np.testing.assert_array_equal(lab[10], b)
+    for z in range(1, 10):
+        # weight of the walk from 0 is (10 - z) / 10: it wins (> 0.5) for z < 5; at z = 5
+        # each side has 0.5, not above the threshold: only where both agree (nowhere here)
+        expected = a if z < 5 else b if z > 5 else a & b
+        np.testing.assert_array_equal(lab[z] > 0, expected, err_msg=f"slice {z}")
+
+
+def test_correction_changes_only_dependent_slices(data) -> None:
+    image, truth = data
+    model = Threshold()
+    boxes = {1: {15: box_of(truth, 15)}, 2: {3: (50, 50, 60, 60)}}
+    image = image.copy()
+    image[2:5, 52:58, 52:58] = 1.0  # a second object on slices 2..4
+    before = run(iter_propagate(model, image, boxes)).labels
+    assert set(np.unique(before)) == {0, 1, 2}
+    # the user fixes slice 18 with the brush (half of the blob) and marks it as a keyframe
+    fixed = truth[18] > 0
+    fixed[:, : CENTRE[1]] = False
+    seen = []
+    gen = iter_propagate(
+        model, image, boxes, masks={1: {18: fixed}}, previous=before, changed={1: [18]}
+    )
+    try:
+        while True:
+            seen.append(next(gen))
+    except StopIteration as stop:
+        after = stop.value.labels
+    np.testing.assert_array_equal(after[18] == 1, fixed)
+    changed = {z for z in range(DEPTH) if not np.array_equal(after[z], before[z])}
+    assert 18 in changed and changed <= set(range(16, LAST + 1))
+    # slices before the gap and object 2 were not recomputed: bit-identical and never yielded
+    np.testing.assert_array_equal(after[:16], before[:16])
+    assert min(p.slice_index for p in seen) >= 16
+    # up from 18 the walk regrows by the margin and rejoins the old result: it stops there
+    rejoined = max(changed) + 1
+    written = [p.slice_index for p in seen if p.labels_slice is not None]
+    assert rejoined <= LAST and max(written) == rejoined - 1
+    np.testing.assert_array_equal(after[rejoined:], before[rejoined:])
+    assert before is not after  # previous untouched
+    with pytest.raises(ValueError, match="previous"):
+        next(iter_propagate(model, image, boxes, changed={1: [18]}))
+
+
+def test_cancel_keeps_finished_slices(data) -> None:
+    image, truth = data
+    out = np.full(truth.shape, 7, np.uint8)
+    gen = iter_propagate(Threshold(), image, {1: {15: box_of(truth, 15)}}, out=out)
+    seen = [next(gen) for _ in range(4)]
+    gen.close()
+    written = [p.slice_index for p in seen if p.labels_slice is not None]
+    assert written
+    for z in written:
+        np.testing.assert_array_equal(out[z], truth[z])
+    others = [z for z in range(DEPTH) if z not in written]
+    assert np.all(out[others] == 7)
+
+
+def test_groups_encoded_once_and_second_object_decoder_only(data) -> None:
+    image, truth = data
+    model = Threshold(group=5)
+    cache = EmbeddingCache()
+    result = run(iter_propagate(model, image, {1: {15: box_of(truth, 15)}}, cache=cache))
+    np.testing.assert_array_equal(result.labels, truth)
+    visited = range(FIRST - 1, LAST + 2)  # the walks read one empty slice past each end
+    tiles = {z // 5 for z in visited}
+    assert result.timings["windows_encoded"] == len(tiles)
+    assert model.encoded == 5 * len(tiles)
+    again = run(iter_propagate(model, image, {2: {14: box_of(truth, 14)}}, cache=cache))
+    assert again.timings["windows_encoded"] == 0 and model.encoded == 5 * len(tiles)
+    np.testing.assert_array_equal(again.labels, 2 * truth)
+
+
+def test_video_tracks_a_moving_object_and_reanchors() -> None:
+    frames = np.zeros((12, S, S, 3), np.uint8)
+    frames[..., 0] = 40
+    truth = np.zeros((12, S, S), np.uint8)
+    for t in range(12):
+        r0, c0 = 10 + 2 * t, 8 + 3 * t  # moves 2 rows and 3 columns per frame
+        frames[t, r0 : r0 + 12, c0 : c0 + 10] = 255
+        truth[t, r0 : r0 + 12, c0 : c0 + 10] = 3
+    config = PropagationConfig(margin_px=4)
+    result = run(
+        iter_propagate(Threshold(), frames, {3: {0: box_of(truth, 0)}}, config=config, preset="rgb")
+    )
+    np.testing.assert_array_equal(result.labels, truth)
+    # a margin smaller than the motion loses the object; a second box re-anchors the track
+    small = PropagationConfig(margin_px=1)
+    lost = run(iter_propagate(Threshold(), frames, {3: {0: box_of(truth, 0)}}, config=small)).labels
+    assert not np.array_equal(lost, truth)
+    boxes = {3: {t: box_of(truth, t) for t in (0, 4, 8)}}
+    anchored = run(iter_propagate(Threshold(), frames, boxes, config=small)).labels
+    for t in (0, 4, 8):
+        np.testing.assert_array_equal(anchored[t], truth[t])
+
+
+def test_errors(data) -> None:
+    image, _ = data
+    with pytest.raises(ValueError, match="outside the stack"):
+        next(iter_propagate(Threshold(), image, {1: {40: (1, 1, 5, 5)}}))
+    with pytest.raises(ValueError, match=r"\(Y, X\)"):
+        next(iter_propagate(Threshold(), image, {}, masks={1: {3: np.ones((4, 4), bool)}}))
+    with pytest.raises(ValueError, match="min_area_fraction"):
+        PropagationConfig(min_area_fraction=1.5)
