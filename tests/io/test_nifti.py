@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import gzip
+import json
 import pathlib
+import subprocess
+import sys
+import textwrap
 
 import nibabel as nib
 import numpy as np
@@ -196,10 +200,10 @@ def test_labels_detection(ch2_path, ch2bet_path, aal_path, tmp_path):
     assert not read_nifti(tmp_path / "brain.nii.gz", as_labels=False).is_labels
     vol = read_nifti(ch2_path, as_labels=True)
     assert vol.is_labels and vol.data.dtype == np.uint8
-    nib.save(nib.Nifti1Image(mask.astype(np.float32), aff), tmp_path / "float_mask.nii.gz")
-    fl = read_nifti(tmp_path / "float_mask.nii.gz")
-    assert not fl.is_labels  # float: an image unless asked
-    forced = read_nifti(tmp_path / "float_mask.nii.gz", as_labels=True)
+    nib.save(nib.Nifti1Image(mask.astype(np.float32), aff), tmp_path / "float_brain.nii.gz")
+    fl = read_nifti(tmp_path / "float_brain.nii.gz")
+    assert not fl.is_labels  # float without a label name or intent: an image unless asked
+    forced = read_nifti(tmp_path / "float_brain.nii.gz", as_labels=True)
     assert forced.data.dtype == np.uint8
     np.testing.assert_array_equal(
         np.asarray(forced.data), np.asarray(read_nifti(tmp_path / "brain.nii.gz").data)
@@ -397,3 +401,174 @@ def test_scaled_integer_file_is_lazy_and_exact(tmp_path, stored, slope, inter, e
     assert back.get_data_dtype() == np.dtype(stored)
     assert (back.dataobj.slope, back.dataobj.inter) == (slope, inter)
     np.testing.assert_array_equal(back.dataobj.get_unscaled(), raw)
+
+
+# ------------------------------------------------------------------ image vs labels: one rule
+def test_labels_rule_intent_and_content(ch2bet_path, tmp_path):
+    aff = nib.load(ch2bet_path).affine
+    rng = np.random.default_rng(0)
+    seg = rng.integers(0, 3, (20, 24, 16)).astype(np.float32)  # {0, 1, 2} stored as float32
+    nib.save(nib.Nifti1Image(seg, aff), tmp_path / "case01_seg.nii.gz")
+    vol = read_nifti(tmp_path / "case01_seg.nii.gz")
+    assert vol.is_labels and vol.data.dtype == np.uint8
+    ornt = ornt_transform(io_orientation(aff), axcodes2ornt(tuple(DISPLAY_ORIENTATION)))
+    np.testing.assert_array_equal(vol.data, nib.orientations.apply_orientation(seg, ornt))
+    # a label word, but fractional values: an image
+    nib.save(nib.Nifti1Image(seg + 0.5, aff), tmp_path / "prob_seg.nii.gz")
+    assert not read_nifti(tmp_path / "prob_seg.nii.gz").is_labels
+    # an int16 MRI with few grey levels: an image, unless its name or intent says labels
+    mri = (rng.integers(0, 12, (20, 24, 16)) * 100).astype(np.int16)
+    nib.save(nib.Nifti1Image(mri, aff), tmp_path / "t1.nii.gz")
+    assert not read_nifti(tmp_path / "t1.nii.gz").is_labels
+    nib.save(nib.Nifti1Image(mri, aff), tmp_path / "t1_labels.nii.gz")
+    assert read_nifti(tmp_path / "t1_labels.nii.gz").is_labels
+    img = nib.Nifti1Image(mri, aff)
+    img.header.set_intent("label")
+    nib.save(img, tmp_path / "t1_intent.nii.gz")
+    assert read_nifti(tmp_path / "t1_intent.nii.gz").is_labels
+
+
+# ------------------------------------------------------- untrusted header sizes (issue 13.2)
+def _crafted_gz(path: pathlib.Path, shape: tuple[int, ...], payload: bytes) -> pathlib.Path:
+    """A .nii.gz whose header declares ``shape`` uint8 voxels but holds ``payload`` only."""
+    hdr = nib.Nifti1Header()
+    hdr.set_data_shape(shape)
+    hdr.set_data_dtype(np.uint8)
+    hdr.set_qform(np.eye(4), 1)
+    hdr.set_sform(np.eye(4), 1)
+    hdr["vox_offset"] = 352
+    with gzip.open(path, "wb", compresslevel=1) as fh:
+        fh.write(hdr.binaryblock + b"\0" * 4 + payload)
+    return path
+
+
+_UNDER_LIMIT = textwrap.dedent(
+    """
+    import json, resource, sys
+    import numpy as np
+    from napari_masam.io.nifti import read_nifti
+    from napari_masam._reader import napari_get_reader
+    with open("/proc/self/status") as fh:
+        vm = next(int(l.split()[1]) * 1024 for l in fh if l.startswith("VmSize:"))
+    limit = vm + int(sys.argv[2]) * 2**20  # address space: what is mapped now + a little
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    out = {"reader": napari_get_reader(sys.argv[1]) is not None}
+    try:
+        read_nifti(sys.argv[1])
+        out["result"] = "read"
+    except Exception as exc:
+        out["result"] = type(exc).__name__
+        out["message"] = str(exc)
+    print(json.dumps(out))
+    """
+)
+
+
+def _read_under_memory_limit(path: pathlib.Path, extra_mib: int) -> dict:
+    proc = subprocess.run(
+        [sys.executable, "-c", _UNDER_LIMIT, str(path), str(extra_mib)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RLIMIT_AS and /proc: Linux")
+def test_gz_header_claiming_8gib_is_refused_before_allocating(tmp_path):
+    # 4 MiB of noise (about 4 MiB compressed) under a header declaring 2048^3 voxels (8 GiB):
+    # deflate cannot expand 4 MiB into 8 GiB, so this is refused from the header alone
+    payload = np.random.default_rng(1).integers(0, 256, 4 * 2**20, dtype=np.uint8).tobytes()
+    path = _crafted_gz(tmp_path / "liar.nii.gz", (2048, 2048, 2048), payload)
+    out = _read_under_memory_limit(path, extra_mib=256)
+    assert out["result"] == "ValueError", out
+    assert "2048 x 2048 x 2048 uint8 voxels (8.0 GiB)" in out["message"]
+    assert "nothing was read" in out["message"]
+    assert out["reader"] is False  # napari's reader refuses it too, before reading
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RLIMIT_AS and /proc: Linux")
+def test_short_gz_is_streamed_with_bounded_memory(tmp_path):
+    # 2 MiB of noise declared as 1 GiB: plausible for deflate, so the voxels are streamed and
+    # the stream ends early; memory stays far below the declared size
+    payload = np.random.default_rng(2).integers(0, 256, 2 * 2**20, dtype=np.uint8).tobytes()
+    path = _crafted_gz(tmp_path / "short.nii.gz", (1024, 1024, 1024), payload)
+    out = _read_under_memory_limit(path, extra_mib=200)
+    assert out["result"] == "ValueError", out
+    assert "holds only 2.0 MiB" in out["message"] and "1.0 GiB" in out["message"]
+
+
+def test_truncated_gz_and_nii(ch2bet_path, tmp_path):
+    data = gzip.decompress(ch2bet_path.read_bytes())
+    (tmp_path / "cut.nii").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="truncated"):
+        read_nifti(tmp_path / "cut.nii")
+    blob = ch2bet_path.read_bytes()
+    (tmp_path / "cut.nii.gz").write_bytes(blob[: len(blob) // 2])
+    with pytest.raises(ValueError, match="truncated or corrupt"):
+        read_nifti(tmp_path / "cut.nii.gz")
+
+
+def test_gz_streamed_read_equals_nibabel(aal_path):
+    vol = read_nifti(aal_path)
+    img = nib.load(aal_path)
+    ornt = ornt_transform(io_orientation(img.affine), axcodes2ornt(tuple(DISPLAY_ORIENTATION)))
+    ref = nib.orientations.apply_orientation(np.asanyarray(img.dataobj), ornt)
+    np.testing.assert_array_equal(np.asarray(vol.data), ref)
+
+
+# --------------------------------------------------- values napari-masam refuses (issue 13.3)
+def test_complex_nifti_refused_with_advice(tmp_path):
+    arr = (np.arange(60).reshape(3, 4, 5) * (1 + 1j)).astype(np.complex64)
+    nib.save(nib.Nifti1Image(arr, np.eye(4)), tmp_path / "c.nii.gz")
+    with pytest.raises(ValueError, match=r"complex voxels .*magnitude"):
+        read_nifti(tmp_path / "c.nii.gz")
+
+
+def test_rgb24_nifti_refused_with_advice(tmp_path):
+    rgb = np.zeros((3, 4, 5), dtype=[("R", "u1"), ("G", "u1"), ("B", "u1")])
+    nib.save(nib.Nifti1Image(rgb, np.eye(4)), tmp_path / "rgb.nii")
+    with pytest.raises(ValueError, match=r"colour voxels \(RGB24.*one channel"):
+        read_nifti(tmp_path / "rgb.nii")
+
+
+def test_nan_affine_refused_clearly(tmp_path):
+    # written by hand: nibabel itself refuses to save such a header
+    hdr = nib.Nifti1Header()
+    hdr.set_data_shape((3, 4, 5))
+    hdr.set_data_dtype(np.int16)
+    hdr["vox_offset"] = 352
+    hdr["sform_code"] = 2
+    hdr["srow_x"] = [np.nan, 0, 0, 0]
+    hdr["srow_y"] = [0, 1, 0, 0]
+    hdr["srow_z"] = [0, 0, 1, 0]
+    data = np.ones((3, 4, 5), np.int16).tobytes(order="F")
+    (tmp_path / "nan.nii").write_bytes(hdr.binaryblock + b"\0" * 4 + data)
+    with pytest.raises(ValueError, match="NaN or infinite") as err:
+        read_nifti(tmp_path / "nan.nii")
+    assert "SVD" not in str(err.value)
+
+
+# --------------------------------------------------------------- 2-D files: one rule (13.6)
+def test_2d_nifti_is_a_one_slice_stack_and_writes_back(tmp_path):
+    rng = np.random.default_rng(3)
+    arr = rng.integers(0, 1000, (12, 9)).astype(np.int16)
+    aff = np.diag([0.5, 0.7, 3.0, 1.0])
+    nib.save(nib.Nifti1Image(arr, aff), tmp_path / "slice.nii.gz")
+    vol = read_nifti(tmp_path / "slice.nii.gz")
+    stack = vol.stack_zyx()
+    assert stack.shape == (1, *vol.data.shape)
+    # a one-slice result written with the 2-D reference lands on the file's own voxels
+    labels = (np.asarray(stack) > 500).astype(np.uint8)
+    out = write_nifti(tmp_path / "slice_seg.nii.gz", labels, vol.metadata)
+    back = nib.load(out)
+    assert back.shape == arr.shape
+    np.testing.assert_array_equal(np.asanyarray(back.dataobj), (arr > 500).astype(np.uint8))
+    np.testing.assert_array_equal(back.affine, nib.load(tmp_path / "slice.nii.gz").affine)
+
+
+def test_4d_advice_only_for_series(nib_data):
+    vol = read_nifti(nib_data / "example4d.nii.gz", as_labels=False)
+    with pytest.raises(ValueError, match=r"4-D series.*Split the series"):
+        vol.stack_zyx()

@@ -10,6 +10,11 @@ import importlib
 from typing import Any
 
 _LAZY = {
+    "FORMATS": ".formats",
+    "kind_of": ".formats",
+    "suffixes_for": ".formats",
+    "atomic_path": "._common",
+    "save_labels_like": ".formats",
     "NiftiVolume": ".nifti",
     "read_nifti": ".nifti",
     "write_nifti": ".nifti",

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
+from . import formats
+
 #: File-name tokens that mark a label volume (matched as whole words of the stem, case-insensitive).
 LABEL_NAME_HINTS: tuple[str, ...] = (
     "seg",
@@ -42,12 +44,9 @@ _SUBSAMPLE_VOXELS = 1_000_000
 
 
 def stem_of(path: str | os.PathLike[str]) -> str:
-    """File name without the (possibly double, ``.nii.gz``) extension."""
-    name = Path(path).name
-    for ext in (".nii.gz", ".ome.tiff", ".ome.tif", ".tiff", ".tif", ".nii"):
-        if name.lower().endswith(ext):
-            return name[: -len(ext)]
-    return Path(name).stem
+    """File name without its (possibly double, ``.nii.gz``) extension; see
+    :func:`napari_masam.io.formats.stem_of` (the one table of file endings)."""
+    return formats.stem_of(path)
 
 
 def name_suggests_labels(path: str | os.PathLike[str]) -> bool:
@@ -76,6 +75,54 @@ def has_few_values(data: np.ndarray, max_values: int = MAX_LABEL_VALUES) -> bool
     if np.unique(sample).size > max_values:
         return False
     return np.unique(arr).size <= max_values
+
+
+def values_are_whole(data: np.ndarray) -> bool:
+    """Whether every value is a finite whole number (integer and bool arrays always are).
+
+    Float arrays are scanned one leading slice at a time, so no full-size temporary is made.
+    """
+    arr = data
+    kind = np.dtype(arr.dtype).kind
+    if kind in "iub":
+        return True
+    if kind != "f":
+        return False
+    arr = np.asarray(arr)
+    blocks = arr if arr.ndim > 2 else [arr]
+    for block in blocks:
+        block = np.asarray(block)
+        if not np.all(np.isfinite(block)) or np.any(block != np.round(block)):
+            return False
+    return True
+
+
+def decide_labels(
+    data: np.ndarray,
+    *,
+    path: str | os.PathLike[str] | None = None,
+    intent_says_labels: bool = False,
+    as_labels: bool | None = None,
+) -> bool:
+    """THE image-versus-labels rule for volumes read from files (NIfTI and TIFF).
+
+    1. ``as_labels`` given: that.
+    2. Intent: the header says "label map" (NIfTI intent ``label``/``neuroname``) or the file
+       name has a label word (:data:`LABEL_NAME_HINTS`: ``case01_seg``, ``liver-mask``,
+       ``aal``, ...): labels when every value is a finite whole number, whatever the stored dtype
+       (a float32 ``*_seg.nii.gz`` holding {0, 1, 2} is labels), else an image.
+    3. No intent: content alone decides only for 8-bit integer volumes: at most
+       :data:`MAX_LABEL_VALUES` distinct values make labels (a uint8 mask). A 16-bit or wider
+       integer volume (an MRI, even with few grey levels) or a float volume stays an image.
+    """
+    if as_labels is not None:
+        return bool(as_labels)
+    dtype = np.dtype(data.dtype)
+    if dtype.kind not in "iufb" or dtype.fields is not None:
+        return False
+    if intent_says_labels or (path is not None and name_suggests_labels(path)):
+        return values_are_whole(data)
+    return dtype.kind in "iub" and dtype.itemsize == 1 and has_few_values(data)
 
 
 def label_dtype_for(max_label: int) -> np.dtype:
@@ -123,22 +170,44 @@ def _suffix_of(target: Path) -> str:
     )
 
 
+def current_umask() -> int:
+    """The process's file-creation mask (e.g. ``0o022``), read without changing it where the
+    system allows (Linux ``/proc``); elsewhere set and restored at once."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def temp_sibling(path: str | os.PathLike[str], *, directory: bool = False) -> Path:
     """Create a hidden, uniquely named empty file (or folder) beside ``path`` and return it.
 
     The file keeps ``path``'s suffixes (``.partial.nii.gz``, ``.partial.tif``) so writers that go
     by the extension write the right format. Pair with :func:`commit_path` / :func:`discard_path`.
+    Its permissions follow the umask like any file the user creates (``0o666 & ~umask``, folders
+    ``0o777 & ~umask``): ``tempfile`` alone would make it private (0600/0700), and the rename
+    would carry that onto the final output, which a lab group then cannot read.
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
+    umask = current_umask()
     if directory:
-        return Path(
+        tmp = Path(
             tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent)
         )
+        os.chmod(tmp, 0o777 & ~umask)
+        return tmp
     fd, tmp_name = tempfile.mkstemp(
         prefix=f".{target.name}.", suffix=f".partial{_suffix_of(target)}", dir=target.parent
     )
     os.close(fd)
+    os.chmod(tmp_name, 0o666 & ~umask)
     return Path(tmp_name)
 
 
@@ -174,7 +243,9 @@ def discard_path(tmp: str | os.PathLike[str]) -> None:
 def atomic_path(path: str | os.PathLike[str], *, directory: bool = False) -> Iterator[Path]:
     """Yield a temporary path beside ``path`` (same suffixes); move it onto ``path`` on success.
 
-    A crash or an exception while writing leaves any existing file at ``path`` untouched and no
+    THE one temp-file + rename helper: every file napari-masam writes goes through it (or
+    through :func:`temp_sibling` + :func:`commit_path`). The output gets the umask's
+    permissions (see :func:`temp_sibling`). A crash or an exception while writing leaves any existing file at ``path`` untouched and no
     half-written file behind. ``directory=True`` yields an empty folder that replaces the folder
     ``path`` as a whole (see :func:`commit_path`).
     """

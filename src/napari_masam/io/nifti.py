@@ -21,9 +21,11 @@ the result is a view of nibabel's memory map and nothing is read until a slice i
 
 from __future__ import annotations
 
+import gzip
 import logging
 import os
 import warnings
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,7 +41,8 @@ from nibabel.orientations import (
     ornt_transform,
 )
 
-from ._common import atomic_path, has_few_values, minimal_label_dtype, name_suggests_labels
+from ._common import atomic_path, decide_labels, minimal_label_dtype
+from .formats import kind_of, suffixes_for
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +59,18 @@ OBLIQUE_TOLERANCE = 1e-4
 #: (x, y, z)_RAS -> display world (z, -y, -x): the world frame of the "SPL" display axes.
 RAS_TO_DISPLAY = np.array([[0.0, 0.0, 1.0], [0.0, -1.0, 0.0], [-1.0, 0.0, 0.0]])
 
-NIFTI_SUFFIXES = (".nii.gz", ".nii")
+#: File-name endings of NIfTI files (from THE table, :mod:`napari_masam.io.formats`).
+NIFTI_SUFFIXES = suffixes_for("nifti")
+
+#: Most bytes one compressed byte can become under deflate (zlib's documented limit is 1032:1):
+#: a ``.nii.gz`` of N bytes cannot hold more than ``N * MAX_DEFLATE_RATIO`` bytes of voxels.
+MAX_DEFLATE_RATIO = 1032
+
+#: Bytes decompressed per read while streaming a ``.nii.gz`` (memory grows with real data only).
+_GZ_CHUNK = 16 * 2**20
+
+#: NIfTI datatype codes of colour voxels: RGB24, RGBA32.
+_COLOUR_CODES = {128: "RGB24", 2304: "RGBA32"}
 
 
 class ObliqueAffineWarning(UserWarning):
@@ -119,42 +133,159 @@ class NiftiVolume:
         lead = np.ndim(self.data) - len(self.translate_zyx)
         return (0.0,) * lead + tuple(self.translate_zyx)
 
+    def stack_zyx(self) -> Any:
+        """The volume as a ``(Z, Y, X)`` stack for segmentation: THE 2-D/3-D/4-D rule.
+
+        A 3-D file is its display array; a 2-D file (one slice) is a stack of one slice
+        ``(1, Y, X)`` (the widget, the writer and the CLI all accept it, and
+        :func:`write_nifti` writes a ``(1, Y, X)`` result back as the 2-D file it came from).
+
+        Raises
+        ------
+        ValueError
+            For a 4-D or higher file (time series, channels): napari-masam segments one volume
+            at a time; the message says how to split the series.
+        """
+        ndim = np.ndim(self.data)
+        if len(self.spacing_zyx) == 2 and ndim == 2:
+            return self.data[None]
+        if ndim == 3:
+            return self.data
+        where = self.path or "the volume"
+        raise ValueError(
+            f"{where} is a {ndim}-D series of shape {tuple(np.shape(self.data))} (leading axes: "
+            "time/channels); napari-masam segments one 3-D volume at a time. Split the series "
+            "into 3-D files first (e.g. fslsplit, or nibabel's four_to_three)."
+        )
+
 
 # --------------------------------------------------------------------------------------- reading
 def is_nifti_path(path: str | os.PathLike[str]) -> bool:
     """Whether the file name ends in ``.nii`` or ``.nii.gz`` (case-insensitive)."""
-    return str(path).lower().endswith(NIFTI_SUFFIXES)
+    return kind_of(path) == "nifti"
 
 
 def check_nifti_file(path: str | os.PathLike[str]) -> None:
     """Cheap validity check of a NIfTI file without reading its voxels.
 
-    Parses the header and checks that an uncompressed file is long enough for its voxels (a
-    truncated ``.nii.gz`` is only detected when its voxels are read).
+    Parses the header and checks it against what the file can hold, before any voxel memory is
+    allocated: an uncompressed file must be long enough for the voxels its header declares; a
+    ``.nii.gz`` cannot hold more than :data:`MAX_DEFLATE_RATIO` times its size (a short
+    ``.nii.gz`` within that bound is caught while its voxels are streamed, see
+    :func:`read_nifti`). Also refuses what napari-masam cannot segment: complex and colour
+    (RGB24/RGBA32) voxels, and affines with NaN/Inf.
 
     Raises
     ------
     FileNotFoundError
         No such file.
     ValueError
-        Not a NIfTI file, or truncated.
+        Not a NIfTI file, truncated, a header claiming more voxels than the file holds, complex
+        or colour voxels, or a non-finite affine; the message says what to do.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"NIfTI file {path} does not exist")
     img = _load_header(path)
-    if _is_gzip(path):
-        # the gzip trailer cannot be trusted for multi-member (bgzip) files: a truncated
-        # .nii.gz is detected when the voxels are read
-        return
-    offset = max(int(img.header.get_data_offset()), _min_offset(img))
-    expected = offset + _nbytes(img)
-    size = path.stat().st_size
-    if size < expected:
+    _check_header(path, img)
+
+
+def _check_header(path: Path, img: nib.Nifti1Image | nib.Nifti2Image) -> None:
+    """The checks of :func:`check_nifti_file` on a loaded header (no voxel is read)."""
+    code = int(img.header["datatype"])
+    dtype = img.get_data_dtype()
+    shape = tuple(int(s) for s in img.shape)
+    if code in _COLOUR_CODES or dtype.fields is not None:
         raise ValueError(
-            f"{path} is truncated: the header needs {expected} bytes, the file has {size}. "
+            f"{path} holds colour voxels ({_COLOUR_CODES.get(code, dtype)}, shape {shape}); "
+            "napari-masam segments single-channel (grey) volumes. Convert it to one channel "
+            "first (e.g. the luminance, with nibabel or `fslmaths`), or open it with another "
+            "napari reader to view it."
+        )
+    if dtype.kind == "c":
+        raise ValueError(
+            f"{path} holds complex voxels ({dtype}); napari-masam will not guess which part to "
+            "segment. Save the magnitude (abs) or the real part as a float volume first, e.g. "
+            "`fslcomplex -realabs` or nibabel with np.abs."
+        )
+    _check_affine(np.asarray(img.affine, dtype=np.float64), path)
+    offset = max(int(img.header.get_data_offset()), _min_offset(img))
+    nbytes = _nbytes(img)
+    size = path.stat().st_size
+    if _is_gzip(path):
+        bound = size * MAX_DEFLATE_RATIO
+        if offset + nbytes > bound:
+            raise ValueError(
+                f"{path}: the header declares {_voxels_text(shape, dtype, nbytes)}, but a "
+                f"{_bytes_text(size)} gzip file can hold at most {_bytes_text(bound)}. The "
+                "header is wrong or the file is truncated; nothing was read. Re-export the file."
+            )
+        return
+    if size < offset + nbytes:
+        raise ValueError(
+            f"{path} is truncated: the header declares {_voxels_text(shape, dtype, nbytes)} "
+            f"after a {offset}-byte header ({offset + nbytes} bytes), the file has {size}. "
             "Re-export the file."
         )
+
+
+def _check_affine(affine: np.ndarray, where: Any) -> None:
+    if not np.all(np.isfinite(affine)):
+        raise ValueError(
+            f"{where}: the voxel-to-world affine of the header (sform, else qform) holds NaN or "
+            f"infinite values ({np.round(affine, 3).tolist()}), so the voxels cannot be placed. "
+            "Repair the header (e.g. set a valid sform/qform with nibabel, or "
+            "`fslorient -copyqform2sform` when the qform is valid) and open the file again."
+        )
+
+
+def _voxels_text(shape: tuple[int, ...], dtype: np.dtype, nbytes: int) -> str:
+    return f"{' x '.join(map(str, shape))} {dtype.name} voxels ({_bytes_text(nbytes)})"
+
+
+def _bytes_text(n: int) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n} bytes"
+
+
+def _read_gz_stored(path: Path, img: nib.Nifti1Image | nib.Nifti2Image) -> np.ndarray:
+    """The stored (unscaled) voxels of a ``.nii.gz``, streamed: memory grows with the bytes
+    that really come out of the stream, never with what the header declares.
+
+    Raises ``ValueError`` when the stream ends before the declared voxels (short or truncated
+    file) or is corrupt.
+    """
+    dtype = img.get_data_dtype()
+    shape = tuple(int(s) for s in img.shape)
+    nbytes = _nbytes(img)
+    # nibabel's proxy knows where the voxels start (vox_offset 0 means "right after the header")
+    offset = int(getattr(img.dataobj, "offset", 0)) or max(
+        int(img.header.get_data_offset()), _min_offset(img)
+    )
+    buf = bytearray()
+    try:
+        with gzip.open(path, "rb") as fh:
+            skipped = len(fh.read(offset))
+            while skipped == offset and len(buf) < nbytes:
+                chunk = fh.read(min(_GZ_CHUNK, nbytes - len(buf)))
+                if not chunk:
+                    break
+                buf += chunk
+    except (EOFError, OSError, zlib.error) as exc:
+        raise ValueError(
+            f"{path} is truncated or corrupt: the compressed stream broke after "
+            f"{_bytes_text(len(buf))} of the {_voxels_text(shape, dtype, nbytes)} its header "
+            f"declares ({type(exc).__name__}: {exc}). Re-export the file."
+        ) from exc
+    if len(buf) < nbytes:
+        raise ValueError(
+            f"{path} is short: its header declares {_voxels_text(shape, dtype, nbytes)}, the "
+            f"compressed stream holds only {_bytes_text(len(buf))}. The header is wrong or the "
+            "file is truncated; re-export it."
+        )
+    return np.frombuffer(buf, dtype=dtype).reshape(shape, order="F")
 
 
 def read_nifti(
@@ -171,10 +302,13 @@ def read_nifti(
         The file.
     as_labels : bool or None
         ``True``: a label map (values must be whole numbers; stored as the smallest integer
-        dtype); ``False``: an image; ``None`` (default): a label map when the stored dtype is an
-        integer, there is no intensity scaling, and the header intent is ``label``/``neuroname``,
-        or the file name says so (``seg``, ``label``, ``mask``, ``aal``, ... as a word), or there
-        are at most 32 distinct values.
+        dtype); ``False``: an image; ``None`` (default): THE rule of
+        :func:`napari_masam.io._common.decide_labels`: labels when the header intent
+        (``label``/``neuroname``) or the file name (``seg``, ``label``, ``mask``, ``aal``, ... as
+        a word) says so AND every value is a whole number, whatever the dtype (a float32
+        ``case_seg.nii.gz`` with {0, 1, 2} is labels); without such intent only an 8-bit
+        integer volume with at most 32 distinct values is labels (an int16 MRI with few grey
+        levels stays an image).
     mmap : bool
         Memory-map uncompressed files (lazy). ``False`` reads the voxels into memory.
 
@@ -188,17 +322,26 @@ def read_nifti(
     FileNotFoundError
         No such file.
     ValueError
-        Not a NIfTI file, truncated or corrupt, or ``as_labels=True`` on non-integral data.
+        Not a NIfTI file, truncated or corrupt, a header declaring more voxels than the file
+        holds (checked before any voxel memory is allocated; a ``.nii.gz`` is streamed and
+        memory grows only with the bytes really in it), complex or colour voxels, a NaN/Inf
+        affine, or ``as_labels=True`` on non-integral data.
     """
     path = Path(path)
-    check_nifti_file(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"NIfTI file {path} does not exist")
     img = _load_header(path, mmap=mmap)
-    try:
-        raw = img.dataobj.get_unscaled()
-    except Exception as exc:  # zlib/EOF/OS errors from a corrupt file
-        raise ValueError(
-            f"cannot read the voxels of {path}: {exc!r}. The file is truncated or corrupt."
-        ) from exc
+    # every size in the header is checked against the file before memory is allocated
+    _check_header(path, img)
+    if _is_gzip(path):
+        raw = _read_gz_stored(path, img)
+    else:
+        try:
+            raw = img.dataobj.get_unscaled()
+        except Exception as exc:  # OS errors from a corrupt file
+            raise ValueError(
+                f"cannot read the voxels of {path}: {exc!r}. The file is truncated or corrupt."
+            ) from exc
     return volume_from_image(img, raw=raw, path=path, as_labels=as_labels)
 
 
@@ -215,6 +358,7 @@ def volume_from_image(
     """
     header = img.header.copy()
     affine = np.asarray(img.affine, dtype=np.float64)
+    _check_affine(affine, path or "<in-memory image>")
     if raw is None:
         raw = np.asanyarray(
             img.dataobj.get_unscaled() if nib.is_proxy(img.dataobj) else img.dataobj
@@ -276,7 +420,12 @@ def volume_from_image(
 
     if scaled:
         data = _scale_lazily(data, slope, inter)
-    is_labels = _decide_labels(as_labels, raw.dtype, scaled, header, path, data)
+    is_labels = decide_labels(
+        data,
+        path=path,
+        intent_says_labels=int(header["intent_code"]) in LABEL_INTENTS,
+        as_labels=as_labels,
+    )
     if is_labels and (data.dtype.kind not in "iu" or not data.dtype.isnative):
         # labels are edited in place by napari: a native integer array in memory
         data = np.asarray(data)
@@ -399,6 +548,12 @@ def display_to_file_array(data_zyx: np.ndarray, reference_meta: dict[str, Any]) 
     """
     data = np.asarray(data_zyx)
     display_shape = tuple(reference_meta["display_shape"])
+    if (
+        reference_meta.get("squeezed_axis") is not None
+        and data.shape == (1, *display_shape)
+        and len(display_shape) == 2
+    ):
+        data = data[0]  # a 2-D file segmented as a one-slice stack (NiftiVolume.stack_zyx)
     if data.shape != display_shape:
         raise ValueError(
             f"data of shape {data.shape} does not match the displayed shape {display_shape} of "
@@ -523,25 +678,6 @@ def _safe_io_orientation(affine: np.ndarray) -> np.ndarray:
         logger.warning("degenerate affine %s: treating the voxel axes as RAS", affine.tolist())
         ornt = axcodes2ornt(("R", "A", "S"))
     return ornt
-
-
-def _decide_labels(
-    as_labels: bool | None,
-    stored_dtype: np.dtype,
-    scaled: bool,
-    header: Any,
-    path: str | os.PathLike[str] | None,
-    data: Any,
-) -> bool:
-    if as_labels is not None:
-        return bool(as_labels)
-    if stored_dtype.kind not in "iu" or scaled:
-        return False
-    if int(header["intent_code"]) in LABEL_INTENTS:
-        return True
-    if path is not None and name_suggests_labels(path):
-        return True
-    return has_few_values(data)
 
 
 def _image_like_reference(
