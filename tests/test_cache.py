@@ -179,3 +179,25 @@ def test_identical_sha256_metadata_shares_entries() -> None:
     a.metadata = meta
     b.metadata = meta
     assert model_identity(a) == model_identity(b)
+
+
+def test_disk_bound_prunes_least_recently_used(tmp_path) -> None:
+    import os
+
+    value = torch.zeros(64)  # ~256 bytes of data + header per entry
+    one = EmbeddingCache(directory=tmp_path, max_disk_bytes=10**9)
+    one.put(key(0), value)
+    size = one.disk_bytes()
+    assert size > 256
+    cache = EmbeddingCache(max_items=0, directory=tmp_path, max_disk_bytes=int(3.5 * size))
+    for i in range(1, 3):
+        cache.put(key(i), value)
+    for i, t in enumerate((100, 200, 300)):
+        os.utime(tmp_path / f"{key(i)}.safetensors", (t, t))
+    assert cache.get(key(0)) is not None  # a disk hit makes entry 0 the most recent
+    cache.put(key(3), value)  # 4 entries > 3.5: prune to 90 % of the bound (3 entries)
+    left = sorted(p.stem for p in tmp_path.iterdir())
+    assert left == sorted([key(0), key(2), key(3)]) and cache.disk_bytes() <= 3.5 * size
+    assert EmbeddingCache(directory=tmp_path).max_disk_bytes == 20 << 30
+    with pytest.raises(ValueError, match="max_disk_bytes"):
+        EmbeddingCache(directory=tmp_path, max_disk_bytes=-1)

@@ -14,8 +14,10 @@ and the caller recomputes them.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
+import os
 import threading
 import weakref
 from collections import OrderedDict
@@ -34,6 +36,9 @@ logger = logging.getLogger(__name__)
 
 #: Default memory bound of :class:`EmbeddingCache` (bytes).
 DEFAULT_MAX_BYTES = 1 << 30
+#: Default bound of an :class:`EmbeddingCache` directory (bytes): 20 GiB, about 5000 slices of
+#: a 256 x 64 x 64 float32 embedding (LiteMedSAM, MA-SAM rows are the same size).
+DEFAULT_MAX_DISK_BYTES = 20 << 30
 
 
 def hash_array(arr: np.ndarray) -> str:
@@ -125,6 +130,12 @@ class EmbeddingCache:
         used entries are dropped first; an entry larger than the bound is not kept in memory.
     directory : str, Path or None
         Folder of the on-disk cache (created on first write); None: memory only.
+    max_disk_bytes : int or None
+        Bound on the bytes of the entries in ``directory`` (default
+        :data:`DEFAULT_MAX_DISK_BYTES`; None: unbounded). After a write that crosses it, the
+        least recently used entries (file modification time; a disk hit refreshes it) are
+        deleted until the folder is back under 90 % of the bound. Entries written by other
+        sessions sharing the folder count too.
 
     Notes
     -----
@@ -138,7 +149,14 @@ class EmbeddingCache:
         max_items: int | None = None,
         max_bytes: int | None = DEFAULT_MAX_BYTES,
         directory: str | Path | None = None,
+        max_disk_bytes: int | None = None,
     ) -> None:
+        if max_disk_bytes is None and directory is not None:
+            max_disk_bytes = DEFAULT_MAX_DISK_BYTES
+        if max_disk_bytes is not None and max_disk_bytes < 0:
+            raise ValueError(f"max_disk_bytes must be >= 0 or None, got {max_disk_bytes}.")
+        self.max_disk_bytes = max_disk_bytes
+        self._disk_bytes: int | None = None  # running total, measured on first write
         if max_items is not None and max_items < 0:
             raise ValueError(f"max_items must be >= 0 or None, got {max_items}.")
         if max_bytes is not None and max_bytes < 0:
@@ -248,6 +266,62 @@ class EmbeddingCache:
                 )
         except OSError as exc:  # a full or read-only disk must not stop segmentation
             logger.warning("Could not write embedding cache entry %s: %s", path, exc)
+            return
+        self._account(path)
+
+    def disk_bytes(self) -> int:
+        """Bytes of the entries now in :attr:`directory` (0 without one)."""
+        if self.directory is None or not self.directory.is_dir():
+            return 0
+        total = 0
+        for f in self.directory.glob("*.safetensors"):
+            with contextlib.suppress(OSError):  # removed meanwhile by another session
+                total += f.stat().st_size
+        return total
+
+    def _account(self, path: Path) -> None:
+        if self.max_disk_bytes is None:
+            return
+        if self._disk_bytes is None:
+            self._disk_bytes = self.disk_bytes()
+        else:
+            try:
+                self._disk_bytes += path.stat().st_size
+            except OSError:
+                return
+        if self._disk_bytes > self.max_disk_bytes:
+            self.prune_disk(int(0.9 * self.max_disk_bytes))
+
+    def prune_disk(self, target_bytes: int) -> int:
+        """Delete least recently used entries until the folder holds <= ``target_bytes``.
+
+        Returns
+        -------
+        int
+            Entries deleted.
+        """
+        if self.directory is None or not self.directory.is_dir():
+            return 0
+        entries = []
+        for f in self.directory.glob("*.safetensors"):
+            try:
+                st = f.stat()
+            except OSError:
+                continue
+            entries.append((st.st_mtime, st.st_size, f))
+        entries.sort()
+        total = sum(size for _, size, _ in entries)
+        removed = 0
+        for _, size, f in entries:
+            if total <= target_bytes:
+                break
+            f.unlink(missing_ok=True)
+            total -= size
+            removed += 1
+        self._disk_bytes = total
+        if removed:
+            logger.info("Embedding cache %s: removed %d old entries.", self.directory, removed)
+        return removed
 
     def _load(self, key: str) -> torch.Tensor | None:
         from safetensors import safe_open
@@ -261,6 +335,8 @@ class EmbeddingCache:
                 value = fh.get_tensor("embedding")
             if meta.get("key") != key or meta.get("blake2b") != self._checksum(value):
                 raise ValueError("key or checksum mismatch")
+            with contextlib.suppress(OSError):
+                os.utime(path)  # most recently used: pruned last
         except Exception as exc:  # any failure to read is a corrupt entry: drop and recompute
             self.corrupt += 1
             logger.warning("Corrupt embedding cache entry %s (%s); recomputing.", path, exc)
