@@ -14,6 +14,7 @@ import importlib.util
 import logging
 import threading
 from pathlib import Path
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
@@ -162,6 +163,31 @@ def litemedsam_weights_path() -> Path:
         If the file's size or sha256 is not the expected one.
     """
     return verify_weights_file(_installed_asset_path())
+
+
+def load_litemedsam_state_dict() -> dict[str, Any]:
+    """The embedded LiteMedSAM state dict (435 tensors), verified and loaded on the CPU.
+
+    The one place that opens the LiteMedSAM weights file (networks in :mod:`napari_masam.model`
+    open no files): :func:`litemedsam_weights_path` checks size and sha256, then
+    ``torch.load(map_location="cpu", weights_only=True)``; a ``{"model": state}`` wrapper is
+    unwrapped.
+
+    Returns
+    -------
+    dict of str to torch.Tensor
+
+    Raises
+    ------
+    ModuleNotFoundError, FileNotFoundError, ValueError
+        As :func:`litemedsam_weights_path`.
+    """
+    import torch
+
+    state = torch.load(litemedsam_weights_path(), map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+        state = state["model"]
+    return state
 
 
 def clear_verification_cache() -> None:

@@ -210,3 +210,17 @@ MASAM_CONFIGS: dict[str, MASAMConfig] = {
 MASAM_CONFIGS["tiny_train"] = dataclasses.replace(
     MASAM_CONFIGS["tiny"], name="tiny_train", patch_size=4, window_size=8
 )
+
+#: Configs that exist for tests only (random weights, toy sizes): never offered in user menus
+#: (Fine-tune backbone, CLI choices). They stay buildable by name for tests; tests import them
+#: as ``tests/model/configs.py`` ``TINY`` / ``TINY_TRAIN``.
+TEST_CONFIG_NAMES: tuple[str, ...] = ("tiny", "tiny_train")
+#: The configs a user may choose: the three SAM backbones.
+USER_CONFIGS: dict[str, MASAMConfig] = {
+    k: v for k, v in MASAM_CONFIGS.items() if k not in TEST_CONFIG_NAMES
+}
+
+
+def is_test_config(name: str) -> bool:
+    """Whether ``name`` is a test-only config (hidden from menus)."""
+    return name in TEST_CONFIG_NAMES

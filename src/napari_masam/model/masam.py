@@ -26,13 +26,22 @@ from .encoder import MASAMImageEncoder
 #: Regular expressions (on our parameter names) of the parts MA-SAM fine-tunes (spec section 4):
 #: both adapters of every block (with their LayerNorms), FacT's shared U/V and per-block cores,
 #: the whole prompt encoder and the whole mask decoder. Everything else of SAM is frozen.
+#: MA-SAM-Lite (TinyViT stages ``layers.N``, one FacT U/V per stage) trains the same parts plus
+#: its automatic class head (class tokens and their hypernetwork MLPs).
 TRAINABLE_PATTERNS: tuple[str, ...] = (
     r"^image_encoder\.blocks\.\d+\.adapter_[12]\.",
     r"^image_encoder\.fact\.[uv]\.",
     r"^image_encoder\.blocks\.\d+\.attn\.qkv\.[qv]_FacTs\.",
+    r"^image_encoder\.layers\.\d+\.blocks\.\d+\.adapter_[12]\.",
+    r"^image_encoder\.layers\.\d+\.fact\.[uv]\.",
+    r"^image_encoder\.layers\.\d+\.blocks\.\d+\.attn\.qkv\.[qv]_FacTs\.",
     r"^prompt_encoder\.",
     r"^mask_decoder\.",
+    r"^class_tokens\.",
+    r"^class_hypernetworks_mlps\.",
 )
+#: The adapter parameters: a model without any has nothing the MA-SAM recipe would train.
+_ADAPTER_RE = re.compile(r"^image_encoder\.(layers\.\d+\.)?blocks\.\d+\.adapter_[12]\.")
 _TRAINABLE_RE = re.compile("|".join(TRAINABLE_PATTERNS))
 
 
@@ -179,9 +188,27 @@ class MASAM(SegmentationModel):
         return super().forward(images, boxes_xyxy)
 
 
-def trainable_parameter_names(model: nn.Module) -> list[str]:
-    """Names of the parameters MA-SAM fine-tunes (spec section 4), in state-dict order."""
-    return [name for name, _ in model.named_parameters() if _TRAINABLE_RE.match(name)]
+def trainable_parameter_names(model: nn.Module, train_prompt_encoder: bool = True) -> list[str]:
+    """Names of the parameters the MA-SAM recipe fine-tunes (spec section 4), in state order.
+
+    THE one definition for every model kind (MA-SAM ViT, MA-SAM-Lite): the parameters matching
+    :data:`TRAINABLE_PATTERNS` (adapters with their norms, FacT U/V and cores, mask decoder,
+    MA-SAM-Lite's class head, and the prompt encoder unless ``train_prompt_encoder`` is False).
+
+    Raises
+    ------
+    ValueError
+        For a model without 3D adapters (plain LiteMedSAM, a SAM): nothing MA-SAM would train.
+    """
+    names = [name for name, _ in model.named_parameters() if _TRAINABLE_RE.match(name)]
+    if not any(_ADAPTER_RE.match(n) for n in names):
+        raise ValueError(
+            f"No fine-tuning recipe for a {type(model).__name__}: it has no 3D adapters. Train "
+            "'masam-lite' (LiteMedSAM with 3D adapters) or an MA-SAM ViT model instead."
+        )
+    if not train_prompt_encoder:
+        names = [n for n in names if not n.startswith("prompt_encoder.")]
+    return names
 
 
 def set_trainable(model: nn.Module, names: Iterable[str] | None = None) -> int:

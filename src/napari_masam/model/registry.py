@@ -48,7 +48,7 @@ MODEL_REGISTRY: dict[str, ModelPreset] = {
         ModelPreset(
             "masam-lite",
             "MA-SAM-Lite: LiteMedSAM + 3D adapters + FacT (trainable on CPU; embedded start)",
-            "napari_masam.model.lite:build_masam_lite",
+            "napari_masam.model.masam_lite:build_masam_lite",
         ),
         ModelPreset(
             "masam_vit_b",
