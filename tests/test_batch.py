@@ -78,24 +78,29 @@ class FakeSession:
         self.model.supports_automatic = automatic
         self.device = "cpu"
         self.stack_lengths: list[int] = []
+        self.windows: list = []
 
-    def iter_automatic(self, stack, preset=None, stride=1, batch_size=None):
+    def iter_automatic(self, stack, preset=None, stride=1, batch_size=None, window=None):
         stack = np.asarray(stack)
         self.stack_lengths.append(len(stack))
+        self.windows.append(window)
         labels = windowed_reference(stack)
         for i in range(len(stack)):
             yield SimpleNamespace(done=i + 1, total=len(stack))
-        return SimpleNamespace(labels=labels, timings={"fake_s": 0.0})
+        return SimpleNamespace(
+            labels=labels, timings={"fake_s": 0.0}, preprocessing={"volume_window": window}
+        )
 
-    def iter_boxes(self, stack, boxes, preset=None):
+    def iter_boxes(self, stack, boxes, preset=None, window=None):
         stack = np.asarray(stack)
         self.stack_lengths.append(len(stack))
+        self.windows.append(window)
         labels = np.zeros(stack.shape[:3], dtype=np.uint8)
         for obj, frames in boxes.items():
             for z, (x0, y0, x1, y1) in frames.items():
                 labels[z, int(y0) : int(y1) + 1, int(x0) : int(x1) + 1] = obj
         yield SimpleNamespace(done=len(stack), total=len(stack))
-        return SimpleNamespace(labels=labels, timings={})
+        return SimpleNamespace(labels=labels, timings={}, preprocessing={"volume_window": window})
 
 
 def make_video(path: Path, n_frames: int, size: int = 64, seed: int = 0) -> Path:
@@ -337,9 +342,13 @@ def test_resume_skips_and_redoes_on_change(tmp_path: Path) -> None:
     assert batch.run_job(video_item(video), config_for(out, stride=2), holder).status == "done"
     make_video(video, 8, seed=1)
     assert batch.run_job(video_item(video), config_for(out, stride=2), holder).status == "done"
-    # a sidecar from an interrupted/foreign run does not count
+    # a sidecar that is not ours proves nothing: the output is kept, --overwrite replaces it
     Path(first.sidecar).write_text("{not json")
-    assert batch.run_job(video_item(video), config_for(out, stride=2), holder).status == "done"
+    refused = batch.run_job(video_item(video), config_for(out, stride=3), holder)
+    assert refused.status == "failed" and "--overwrite" in refused.error
+    assert Path(first.sidecar).read_text() == "{not json"
+    redo = batch.run_job(video_item(video), config_for(out, stride=3, overwrite=True), holder)
+    assert redo.status == "done"
 
 
 def test_failed_input_is_named_and_leaves_no_output(tmp_path: Path) -> None:
@@ -386,6 +395,7 @@ def test_boxes_folder_without_file_for_input_fails_that_input(tmp_path: Path) ->
     [
         (None, True, False, "auto"),
         (None, False, True, "boxes"),
+        (None, True, True, "boxes"),  # boxes given are never ignored
         ("boxes", True, True, "boxes"),
         (None, False, False, "needs box prompts"),
         ("auto", False, True, "cannot segment automatically"),
@@ -402,12 +412,271 @@ def test_resolve_mode(mode, automatic, has_boxes, expected) -> None:
 
 
 def test_model_spec_checks(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="--checkpoint"):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
         batch.ModelSpec(checkpoint=str(tmp_path / "nope.safetensors"))
-    with pytest.raises(ValueError, match="needs --sam-checkpoint"):
+    with pytest.raises(FileNotFoundError, match="is a folder"):  # not "no such file"
+        batch.ModelSpec(checkpoint=str(tmp_path))
+    with pytest.raises(ValueError, match="needs Meta's SAM base"):
         batch.ModelSpec(masam_checkpoint=__file__)
     assert batch.ModelSpec().source == "litemedsam"
-    assert batch.ModelSpec(checkpoint=__file__).identity()["checkpoint"]["sha256"] == (
-        batch.file_sha256(__file__)
+    identity = batch.ModelSpec(checkpoint=__file__).identity()
+    assert identity["files"] == [
+        {
+            "role": "checkpoint",
+            "name": os.path.basename(__file__),
+            "sha256": batch.file_sha256(__file__),
+        }
+    ]
+
+
+def test_model_name_with_sam_files_is_honoured_or_refused(tmp_path: Path) -> None:
+    """#13.4: `--model masam_vit_b` was ignored when `--sam-checkpoint` was given (the sidecar
+    still named it); now the preset is built from the files, and a model that cannot be built
+    from them is refused."""
+    sam = tmp_path / "sam_vit_b.pth"
+    sam.write_bytes(b"not loaded here")
+    spec = batch.ModelSpec(model="masam_vit_b", sam_checkpoint=sam)
+    assert spec.model_source.kind == "sam_pair" and spec.model_source.name == "masam_vit_b"
+    assert spec.model_source.sam_checkpoint == sam
+    assert "masam_vit_b" in spec.identity()["description"]
+    with pytest.raises(ValueError):
+        batch.ModelSpec(model="litemedsam", sam_checkpoint=sam)
+
+
+@pytest.mark.parametrize("preset", ["no_such_preset", "MRI"])
+def test_unknown_preset_is_refused_by_the_config(tmp_path: Path, preset: str) -> None:
+    with pytest.raises(ValueError, match="unknown"):
+        config_for(tmp_path / "out", preset=preset)
+
+
+# ------------------------------------------------------------------------------------ never clobber
+def tiff_input(tmp_path: Path, name: str = "stack.tif") -> batch.BatchInput:
+    """A (7, 20, 24) uint16 TIFF stack with a bright square (labels are not all background)."""
+    rng = np.random.default_rng(5)
+    stack = rng.integers(0, 300, (7, 20, 24)).astype(np.uint16)
+    stack[:, 5:15, 5:15] += 200
+    path = tmp_path / name
+    tifffile.imwrite(path, stack)
+    return batch.BatchInput(path, "tiff", batch.input_stem(path))
+
+
+def _tree(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_users_own_output_file_is_never_replaced(tmp_path: Path) -> None:
+    """#13.1: a case01_seg.nii.gz of the user's (no sidecar: we never wrote it) was replaced."""
+    item = tiff_input(tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    mine = out / "stack_seg.tif"
+    mine.write_bytes(b"the user's own segmentation")
+    result = batch.run_job(item, config_for(out), fake_holder())
+    assert result.status == "failed"
+    assert str(mine) in result.error and "--overwrite" in result.error
+    assert mine.read_bytes() == b"the user's own segmentation"
+    assert sorted(p.name for p in out.iterdir()) == ["stack_seg.tif"]  # nothing else written
+    forced = batch.run_job(item, config_for(out, overwrite=True), fake_holder())
+    assert forced.status == "done", forced.error
+    assert tifffile.imread(mine).shape == (7, 20, 24)
+
+
+def test_users_png_folder_is_never_deleted(tmp_path: Path) -> None:
+    """#13.1: a user's folder of PNG masks at the output's name was deleted."""
+    item = tiff_input(tmp_path)
+    out = tmp_path / "out"
+    folder = out / "stack_seg"
+    folder.mkdir(parents=True)
+    Image.fromarray(np.full((4, 4), 3, np.uint8)).save(folder / "frame000.png")
+    (folder / "notes.txt").write_text("hand-made")
+    before = _tree(folder)
+    result = batch.run_job(item, config_for(out, output_format="png"), fake_holder())
+    assert result.status == "failed" and "stack_seg" in result.error
+    assert _tree(folder) == before
+
+
+def test_sidecar_records_the_output_digest(tmp_path: Path) -> None:
+    import hashlib
+
+    item = tiff_input(tmp_path)
+    result = batch.run_job(item, config_for(tmp_path / "out"), fake_holder())
+    side = json.loads(Path(result.sidecar).read_text())
+    digest = hashlib.sha256(Path(result.outputs[0]).read_bytes()).hexdigest()
+    assert side["output"]["digest"] == f"sha256:{digest}"
+    assert side["producer"] == "napari-masam" and side["output"]["replaces"] is None
+
+
+def test_output_changed_under_our_sidecar_is_not_up_to_date(tmp_path: Path) -> None:
+    """#13.1: run B's labels under run A's sidecar counted as up to date on resume."""
+    item = tiff_input(tmp_path)
+    out = tmp_path / "out"
+    first = batch.run_job(item, config_for(out), fake_holder())
+    assert first.status == "done"
+    output = Path(first.outputs[0])
+    other = tifffile.imread(output)
+    other[0, 0, 0] = 2  # another run (or a person) changed the labels
+    tifffile.imwrite(output, other)
+    again = batch.run_job(item, config_for(out), fake_holder())
+    assert again.status == "failed" and "differs from what" in again.error
+    np.testing.assert_array_equal(tifffile.imread(output), other)  # kept as found
+
+
+def test_failed_overwrite_keeps_old_output_and_sidecar(tmp_path: Path, monkeypatch) -> None:
+    """#13.1: a failed --overwrite (full disk) kept the old outputs but deleted their sidecars."""
+    import errno
+
+    item = tiff_input(tmp_path)
+    out = tmp_path / "out"
+    first = batch.run_job(item, config_for(out), fake_holder())
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def full_disk(self, labels, frames=None):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(batch.TiffSink, "write", full_disk)
+    failed = batch.run_job(item, config_for(out, overwrite=True), fake_holder())
+    assert failed.status == "failed" and "No space left" in failed.error
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # no partials either
+    monkeypatch.undo()
+    assert batch.run_job(item, config_for(out), fake_holder()).status == "skipped"
+    assert first.sidecar is not None
+
+
+def test_sidecar_written_but_output_not_moved_is_still_ours(tmp_path: Path, monkeypatch) -> None:
+    """A stop between writing the new sidecar and moving the new output in leaves the old
+    output, which the new sidecar names as the one it replaces: the next run redoes it."""
+    from napari_masam.io import _common
+
+    item = tiff_input(tmp_path)
+    out = tmp_path / "out"
+    batch.run_job(item, config_for(out), fake_holder())
+    old_output = (out / "stack_seg.tif").read_bytes()
+    real_commit = _common.commit_path
+
+    def crash_on_output(tmp, path):
+        if Path(path).name == "stack_seg.tif":
+            raise KeyboardInterrupt  # killed right there
+        real_commit(tmp, path)
+
+    monkeypatch.setattr(_common, "commit_path", crash_on_output)
+    changed = tifffile.imread(item.path)
+    changed[:, 5:15, 5:15] = 0  # a new input: new labels, a new sidecar
+    tifffile.imwrite(item.path, changed)
+    with pytest.raises(KeyboardInterrupt):
+        batch.run_job(item, config_for(out), fake_holder())
+    monkeypatch.undo()
+    assert (out / "stack_seg.tif").read_bytes() == old_output
+    side = json.loads((out / "stack_seg.json").read_text())  # the new record, old output
+    assert side["output"]["digest"] != side["output"]["replaces"]
+    redo = batch.run_job(item, config_for(out), fake_holder())
+    assert redo.status == "done", redo.error
+    np.testing.assert_array_equal(
+        tifffile.imread(out / "stack_seg.tif"), windowed_reference(changed)
     )
-    assert os.path.basename(__file__) in json.dumps(batch.ModelSpec(checkpoint=__file__).identity())
+
+
+def test_a_live_lock_stops_a_second_run(tmp_path: Path) -> None:
+    """#13.1: two concurrent runs on one output; the second now fails at once and says why."""
+    import socket
+
+    item = tiff_input(tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    lock = out / ".stack_seg.lock"
+    lock.write_text(f"{os.getpid()} {socket.gethostname()}\n")  # this process is alive
+    result = batch.run_job(item, config_for(out), fake_holder())
+    assert result.status == "failed" and "another napari-masam run" in result.error
+    assert str(os.getpid()) in result.error
+    assert sorted(p.name for p in out.iterdir()) == [".stack_seg.lock"]
+
+
+def test_stale_lock_and_partials_of_a_killed_run_are_cleaned(tmp_path: Path) -> None:
+    """#13.1: kill -9 left a hidden partial (and its lock) that nothing removed."""
+    import socket
+    import subprocess
+    import sys
+
+    item = tiff_input(tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    (out / ".stack_seg.lock").write_text(f"{int(dead.stdout)} {socket.gethostname()}\n")
+    partial_dir = out / ".stack_seg.abc123.partial"
+    partial_dir.mkdir()
+    (partial_dir / "frame000.png").write_bytes(b"x")
+    (out / ".stack_seg.tif.def456.partial.tif").write_bytes(b"half")
+    (out / ".stack_seg.json.x1.partial.json").write_text("{")
+    (out / ".keep_me").write_text("not ours")
+    result = batch.run_job(item, config_for(out), fake_holder())
+    assert result.status == "done", result.error
+    assert sorted(p.name for p in out.iterdir()) == [".keep_me", "stack_seg.json", "stack_seg.tif"]
+
+
+# ------------------------------------------------------------------------------------ nothing usable
+@pytest.mark.parametrize(
+    ("content", "suffix", "message"),
+    [
+        ("", ".csv", "empty"),
+        ("object,slice,x0,y0,x1,y1\n", ".csv", "no boxes"),
+        ("[]", ".json", "no boxes"),
+        ("object,slice,x0,y0,x1,y1\n1,2,5,30,15,50\n", ".csv", "wholly outside"),  # y, x swapped
+        ("object,slice,x0,y0,x1,y1\n1.5,2,1,1,5,5\n", ".csv", "must be an integer"),
+        ("object,slice,x0,y0,x1,y1\n1,2.5,1,1,5,5\n", ".csv", "must be an integer"),
+    ],
+)
+def test_box_files_with_nothing_usable_fail_the_input(
+    tmp_path: Path, content: str, suffix: str, message: str
+) -> None:
+    """#13.4: these gave "done", exit 0 and an empty mask (or truncated 1.5 to 1)."""
+    item = tiff_input(tmp_path)  # (7, 20, 24): x 0..23, y 0..19
+    boxes = tmp_path / f"stack{suffix}"
+    boxes.write_text(content)
+    out = tmp_path / "out"
+    result = batch.run_job(item, config_for(out, mode="boxes", boxes=boxes), fake_holder())
+    assert result.status == "failed", result
+    assert message in result.error and "stack" in result.error
+    assert not (out / "stack_seg.tif").exists() and not (out / "stack_seg.json").exists()
+
+
+def test_napari_shapes_csv_drives_boxes_mode(tmp_path: Path) -> None:
+    """#17.6: boxes saved from napari's Shapes layer (napari's own writer) reach the engine."""
+    from napari_builtins.io._write import napari_write_shapes
+
+    item = tiff_input(tmp_path)
+    rect = np.array([[3, 4, 6], [3, 4, 12], [3, 10, 12], [3, 10, 6]], dtype=float)  # z, row, col
+    boxes = tmp_path / "stack.csv"
+    napari_write_shapes(str(boxes), [rect], {"shape_type": ["rectangle"]})
+    config = config_for(tmp_path / "out", mode="boxes", boxes=boxes)
+    result = batch.run_job(item, config, fake_holder())
+    assert result.status == "done", result.error
+    labels = tifffile.imread(result.outputs[0])
+    expected = np.zeros_like(labels)
+    expected[3, 4:11, 6:13] = 1  # rows 4..10, cols 6..12 inclusive
+    np.testing.assert_array_equal(labels, expected)
+    assert json.loads(Path(result.sidecar).read_text())["prompts"]["format"] == "napari-shapes"
+
+
+# ------------------------------------------------------------------------------------ one window
+@pytest.mark.parametrize("chunk", [3, 64])
+def test_video_window_is_computed_once_per_video(tmp_path: Path, chunk: int) -> None:
+    """#13.3: with --preset mri a video's labels depended on --chunk-frames (window per chunk).
+    Every chunk now gets the window of the whole video, equal to the volume window of the
+    decoded video computed independently here."""
+    video = make_video(tmp_path / "clip.mp4", 17)
+    frames = decode_all(video).astype(np.float64)
+    expected = (float(frames.min()), float(np.percentile(frames, 99.5)))
+    from napari_masam.preprocess import INTENSITY_PRESETS
+
+    preset = INTENSITY_PRESETS["mri"]
+    expected = (float(frames.min()), float(np.percentile(frames, preset.percentile)))
+    session = FakeSession()
+    config = config_for(tmp_path / "out", chunk_frames=chunk, preset="mri")
+    result = batch.run_job(video_item(video), config, fake_holder(session))
+    assert result.status == "done", result.error
+    assert len(session.windows) == -(-17 // chunk)  # one engine call per chunk ...
+    assert all(w == session.windows[0] for w in session.windows)  # ... all with one window
+    np.testing.assert_allclose(session.windows[0], expected, rtol=0, atol=1e-9)
+    side = json.loads(Path(result.sidecar).read_text())
+    np.testing.assert_allclose(side["preprocessing"]["volume_window"], expected, atol=1e-9)

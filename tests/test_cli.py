@@ -180,7 +180,14 @@ def test_segment_folder_end_to_end(
     # provenance sidecar
     side = json.loads((out / "a_ras_seg.json").read_text())
     assert side["model"]["kind"] == "masam"
-    assert side["model"]["files"]["checkpoint"]["sha256"] == batch.file_sha256(tiny_checkpoint)
+    assert side["model"]["identity"]["files"] == [
+        {
+            "role": "checkpoint",
+            "name": "tiny.safetensors",
+            "sha256": batch.file_sha256(tiny_checkpoint),
+        }
+    ]
+    assert side["output"]["digest"].startswith("sha256:")
     assert side["input"]["sha256"] == batch.file_sha256(input_folder / "a_ras.nii.gz")
     assert side["mode"] == "auto" and side["preprocessing"]["slices_per_group"] == 5
     assert side["software"]["torch"] == torch.__version__.split("+")[0] or side["software"]["torch"]
@@ -207,8 +214,8 @@ def test_segment_folder_end_to_end(
     [
         (["--mode", "boxes"], "--mode boxes needs --boxes"),
         (["--model", "no_such_model"], "neither a known model"),
-        (["--checkpoint", "missing.safetensors"], "no such file"),
-        (["--masam-checkpoint", __file__], "needs --sam-checkpoint"),
+        (["--checkpoint", "missing.safetensors"], "does not exist"),
+        (["--masam-checkpoint", __file__], "needs Meta's SAM base checkpoint"),
         (["--stride", "0"], "stride"),
     ],
 )
@@ -362,3 +369,191 @@ def test_demo_end_to_end(
     assert code == 0, stderr
     again = json.loads(stdout)["results"][0]
     np.testing.assert_array_equal(_display_labels(Path(again["outputs"][0])) > 0, labels)
+
+
+# ------------------------------------------------------------------------------------ bad inputs (#13)
+def test_users_own_output_is_kept_and_named(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, tiny_checkpoint: Path
+) -> None:
+    """#13.1: without --overwrite, `segment` replaced a user's own case01_seg.nii.gz."""
+    write_las(tmp_path / "case01.nii")
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "case01_seg.nii.gz").write_bytes(b"my own labels")
+    args = ["segment", tmp_path / "case01.nii", "-o", out, "--checkpoint", tiny_checkpoint]
+    code, _, stderr = run_cli(capsys, *args, "--device", "cpu", "-q")
+    assert code == 1
+    assert "case01_seg.nii.gz" in stderr and "--overwrite" in stderr
+    assert (out / "case01_seg.nii.gz").read_bytes() == b"my own labels"
+    code, _, stderr = run_cli(capsys, *args, "--device", "cpu", "-q", "--overwrite")
+    assert code == 0, stderr
+    assert nib.load(out / "case01_seg.nii.gz").shape == (18, 14, 3)
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--preset", "no_such_preset"], "invalid choice"),
+        (["--model", "litemedsam", "--sam-checkpoint", __file__], "litemedsam"),
+        (["--checkpoint", "FOLDER"], "is a folder"),
+    ],
+)
+def test_usage_errors_exit_2_before_any_work(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, extra: list[str], message: str
+) -> None:
+    """#13.4: an unknown --preset was reported per input after the model had loaded."""
+    write_las(tmp_path / "x.nii")
+    (tmp_path / "folder").mkdir()
+    extra = [str(tmp_path / "folder") if e == "FOLDER" else e for e in extra]
+    code, _, stderr = run_cli(capsys, "segment", tmp_path / "x.nii", "-o", tmp_path / "o", *extra)
+    assert code == 2
+    assert message in stderr
+    assert "no such file" not in stderr
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("", "empty"),
+        ("object,slice,x0,y0,x1,y1\n", "no boxes"),
+        ("[]", "no boxes"),
+        ("object,slice,x0,y0,x1,y1\n1.5,1,1,1,5,5\n", "must be an integer"),
+    ],
+)
+def test_unusable_box_file_is_a_usage_error(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, content: str, message: str
+) -> None:
+    """#13.4: empty, header-only and `[]` box files gave "done", exit 0 and an empty mask."""
+    write_las(tmp_path / "x.nii")
+    boxes = tmp_path / ("b.json" if content == "[]" else "b.csv")
+    boxes.write_text(content)
+    code, _, stderr = run_cli(
+        capsys, "segment", tmp_path / "x.nii", "-o", tmp_path / "o", "--boxes", boxes
+    )
+    assert code == 2 and message in stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_boxes_outside_the_image_fail_the_input(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, tiny_checkpoint: Path
+) -> None:
+    """#13.4: boxes with x and y swapped (all outside the image) gave exit 0, empty labels."""
+    write_las(tmp_path / "x.nii")  # display (Z, Y, X) = (3, 14, 18)
+    boxes = tmp_path / "b.csv"
+    boxes.write_text("object,slice,x0,y0,x1,y1\n1,1,2,15,6,17\n")  # y beyond row 13
+    code, stdout, stderr = run_cli(
+        capsys,
+        "segment",
+        tmp_path / "x.nii",
+        "-o",
+        tmp_path / "o",
+        "--boxes",
+        boxes,
+        "--checkpoint",
+        tiny_checkpoint,
+        "--device",
+        "cpu",
+        "--json",
+    )
+    assert code == 1
+    assert "wholly outside the image" in stderr and "swapped" in stderr
+    assert json.loads(stdout)["failed"] == 1
+    assert not (tmp_path / "o" / "x_seg.nii.gz").exists()
+
+
+def test_2d_nifti_gets_advice_that_applies(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, tiny_checkpoint: Path
+) -> None:
+    img = nib.Nifti1Image(
+        np.random.default_rng(0).normal(size=(20, 16)).astype(np.float32), np.eye(4)
+    )
+    nib.save(img, tmp_path / "flat.nii.gz")
+    code, _, stderr = run_cli(
+        capsys,
+        "segment",
+        tmp_path / "flat.nii.gz",
+        "-o",
+        tmp_path / "o",
+        "--checkpoint",
+        tiny_checkpoint,
+        "--device",
+        "cpu",
+        "-q",
+    )
+    assert code == 1
+    assert "flat.nii.gz" in stderr and "4-D" not in stderr
+
+
+def test_no_timm_future_warnings_when_loading_the_default_model() -> None:
+    """#13.5: every CLI call printed two timm FutureWarnings (LiteMedSAM's old timm imports)."""
+    code = (
+        "import warnings; warnings.simplefilter('always')\n"
+        "from napari_masam.batch import ModelSpec\n"
+        "ModelSpec().load('cpu')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "timm" not in out.stderr, out.stderr
+
+
+# ------------------------------------------------------------------------------------ boxes, cache
+def test_boxes_convert_to_napari_and_back(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    from napari_builtins.io._read import csv_to_layer_data
+
+    table = tmp_path / "b.csv"
+    table.write_text("object,slice,x0,y0,x1,y1\n2,1,3,4,9,12\n2,5,5,4,11,12\n")
+    code, stdout, _ = run_cli(capsys, "boxes", table, tmp_path / "shapes.csv")
+    assert code == 0 and "2 boxes of 1 objects" in stdout
+    data, _, kind = csv_to_layer_data(str(tmp_path / "shapes.csv"), require_type="shapes")
+    assert kind == "shapes" and len(data) == 2
+    np.testing.assert_array_equal(data[0], [[1, 4, 3], [1, 4, 9], [1, 12, 9], [1, 12, 3]])
+    code, _, _ = run_cli(
+        capsys, "boxes", tmp_path / "shapes.csv", tmp_path / "t.json", "--to", "table"
+    )
+    assert code == 0
+    records = json.loads((tmp_path / "t.json").read_text())["boxes"]
+    assert [(r["object"], r["slice"], r["x0"], r["y1"]) for r in records] == [
+        (2, 1, 3, 12),
+        (2, 5, 5, 12),
+    ]
+
+
+def test_precompute_fills_the_disk_cache_that_box_runs_use(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, tiny_checkpoint: Path
+) -> None:
+    """#17.10: precompute once, then a box run on the same image needs no encoder pass."""
+    from napari_masam.cache import EmbeddingCache
+    from napari_masam.io.nifti import read_nifti
+    from napari_masam.session import SegmentationSession
+
+    volume = write_las(tmp_path / "v.nii")
+    cache_dir = tmp_path / "cache"
+    code, stdout, stderr = run_cli(
+        capsys,
+        "precompute",
+        volume,
+        "--cache-dir",
+        cache_dir,
+        "--checkpoint",
+        tiny_checkpoint,
+        "--device",
+        "cpu",
+        "-q",
+    )
+    assert code == 0, stderr
+    entries = sorted(cache_dir.glob("*.safetensors"))
+    assert len(entries) > 0
+    code, stdout, _ = run_cli(capsys, "info", "--json", "--cache-dir", cache_dir)
+    cache = json.loads(stdout)["cache"]
+    assert cache["entries"] == len(entries) and cache["directory"] == str(cache_dir)
+    assert cache["bytes"] == sum(p.stat().st_size for p in entries)
+
+    stack = np.asarray(read_nifti(volume).data)
+    session = SegmentationSession.from_source(
+        str(tiny_checkpoint), device="cpu", cache=EmbeddingCache(directory=cache_dir)
+    )
+    result = session.segment_boxes(stack, {1: {1: (2, 2, 9, 9)}})
+    assert result.timings["windows_encoded"] == 0  # every embedding came from the disk cache

@@ -31,7 +31,20 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-from . import batch
+from . import batch, demo
+from .demo import (  # noqa: F401 - the demo's names, importable from here as before
+    DEMO_SAMPLE_BOXES,
+    DEMO_SAMPLE_SHA256,
+    PHANTOM_DEMO_OBJECTS,
+    PHANTOM_SHAPE_ZYX,
+    PHANTOM_SPACING_ZYX,
+    derive_demo_boxes,
+    keyframe_boxes,
+    otsu_threshold,
+    sample_volume_path,
+    write_boxes_json,
+    write_phantom,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -48,16 +61,6 @@ of that slice (x = column, y = row, max edge inclusive). Boxes of one object on 
 keyframes are interpolated linearly in between, as in the widget. Schema:
 napari_masam.prompts.load_boxes_file.
 """
-
-
-#: Demo prompts for the bundled Colin27 T1 sample (``data/colin27_t1_2mm.nii.gz``, identified by
-#: its sha256): the brain, as the bounding boxes (XYXY, display slice pixels, inclusive) of the
-#: same subject's brain mask (mricron's ``ch2bet.nii.gz`` taken to the sample's 2 mm grid by the
-#: sample's own recipe) on three keyframes; slices 39 and 41 are interpolated.
-DEMO_SAMPLE_SHA256 = "10421d0bd493c3121c4a7a509d56a30a9e57f9f44cf64634450afcadc932fd64"
-DEMO_SAMPLE_BOXES: dict[int, dict[int, tuple[float, float, float, float]]] = {
-    1: {38: (10, 10, 80, 98), 40: (11, 10, 79, 97), 42: (11, 11, 79, 97)}
-}
 
 
 class UsageError(Exception):
@@ -100,13 +103,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--mode",
         choices=batch.MODE_CHOICES,
         default=None,
-        help="auto (prompt-free classes) or boxes; default: auto if the model supports it, "
-        "else boxes",
+        help="auto (prompt-free classes) or boxes; default: boxes when --boxes is given, else "
+        "auto if the model supports it",
     )
     seg.add_argument("--boxes", metavar="FILE_OR_FOLDER", help="box prompts (see below)")
     seg.add_argument(
         "--preset",
-        help="intensity preset (ct_abdomen, ct_pancreas, mri, minmax, rgb); default: the model's",
+        choices=_preset_names(),
+        help="intensity preset; default: the model's",
     )
     seg.add_argument("--stride", type=int, default=1, help="step between slice windows (1)")
     seg.add_argument("--batch-size", type=int, default=None, help="windows per forward pass")
@@ -157,7 +161,47 @@ def build_parser() -> argparse.ArgumentParser:
 
     info = sub.add_parser("info", help="models, devices, cache location, versions")
     info.add_argument("--json", action="store_true", help="machine-readable output")
+    info.add_argument(
+        "--cache-dir", metavar="DIR", default=None, help="embedding cache folder to describe"
+    )
     info.set_defaults(func=cmd_info)
+
+    pre = sub.add_parser(
+        "precompute",
+        help="fill the on-disk embedding cache for volumes/TIFF stacks",
+        description="Encode every slice of each input once and keep the image embeddings in "
+        "the on-disk cache, keyed by content, model and preprocessing: napari-masam (widget "
+        "or CLI) then needs only the decoder for box prompts on these images.",
+    )
+    pre.add_argument("inputs", nargs="+", metavar="INPUT", help="NIfTI/TIFF files or folders")
+    pre.add_argument(
+        "--cache-dir",
+        metavar="DIR",
+        default=None,
+        help=f"cache folder (default: {default_cache_dir()})",
+    )
+    _add_model_arguments(pre)
+    pre.add_argument("--preset", choices=_preset_names(), help="intensity preset")
+    pre.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    pre.set_defaults(func=cmd_precompute)
+
+    boxes = sub.add_parser(
+        "boxes",
+        help="convert box files (napari Shapes CSV <-> the segment --boxes table)",
+        description="Read a box file (the JSON/CSV table of `segment --boxes` or a CSV saved "
+        "from a napari Shapes layer) and write it as napari's Shapes CSV (open it in napari "
+        "with File > Open) or as the table.",
+    )
+    boxes.add_argument("source", metavar="IN", help="box file to read")
+    boxes.add_argument("target", metavar="OUT", help="file to write")
+    boxes.add_argument(
+        "--to",
+        choices=("napari", "table"),
+        default="napari",
+        help="napari: napari's Shapes CSV with an object column (default); table: the "
+        "object/slice/x0/y0/x1/y1 table (JSON or CSV by OUT's suffix)",
+    )
+    boxes.set_defaults(func=cmd_boxes)
 
     demo = sub.add_parser(
         "demo",
@@ -179,10 +223,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _preset_names() -> tuple[str, ...]:
+    from .preprocess import INTENSITY_PRESETS
+
+    return tuple(INTENSITY_PRESETS)
+
+
+def _model_argument(value: str) -> str:
+    """``--model``: a registry name or an existing file, else an argparse error (exit 2)."""
+    from .model.registry import MODEL_REGISTRY
+
+    if value in MODEL_REGISTRY or Path(value).expanduser().is_file():
+        return value
+    raise argparse.ArgumentTypeError(
+        f"{value!r} is neither a known model ({', '.join(MODEL_REGISTRY)}) nor an existing "
+        "checkpoint file"
+    )
+
+
 def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model (default: the embedded LiteMedSAM)")
     group.add_argument(
-        "--model", help="registry name (see `napari-masam info`) or a .safetensors file"
+        "--model",
+        type=_model_argument,
+        help="registry name (see `napari-masam info`) or a .safetensors file; with "
+        "--sam-checkpoint only masam_vit_b|l|h (the backbone is checked)",
     )
     group.add_argument("--checkpoint", metavar="PATH", help="napari-masam single-file checkpoint")
     group.add_argument("--sam-checkpoint", metavar="PATH", help="SAM backbone checkpoint (.pth)")
@@ -237,10 +302,10 @@ def _bar(**kwargs: Any) -> Any:
     return tqdm(file=sys.stderr, dynamic_ncols=True, **kwargs)
 
 
-def _write(message: str, stream: TextIO = sys.stderr) -> None:
+def _write(message: str, stream: TextIO | None = None) -> None:
     from tqdm.auto import tqdm
 
-    tqdm.write(message, file=stream)
+    tqdm.write(message, file=stream or sys.stderr)  # sys.stderr now, not at import
 
 
 def _print_human_summary(summary: dict[str, Any], output: Path, stream: TextIO) -> None:
@@ -257,36 +322,31 @@ def _print_human_summary(summary: dict[str, Any], output: Path, stream: TextIO) 
 def config_from_args(args: argparse.Namespace) -> batch.BatchConfig:
     """Build the :class:`~napari_masam.batch.BatchConfig` of ``segment`` arguments."""
     try:
-        model, checkpoint = args.model, args.checkpoint
-        if model is not None and Path(model).is_file() and checkpoint is None:
-            # `--model best.safetensors` (what `train` suggests) means our single file
-            model, checkpoint = None, model
         spec = batch.ModelSpec(
-            model=model,
-            checkpoint=checkpoint,
+            model=args.model,
+            checkpoint=args.checkpoint,
             sam_checkpoint=args.sam_checkpoint,
             masam_checkpoint=args.masam_checkpoint,
             device=args.device,
         )
-        if model is not None:
-            from .model.registry import MODEL_REGISTRY
-
-            if model not in MODEL_REGISTRY:
-                raise ValueError(
-                    f"--model {model!r} is neither a known model ({', '.join(MODEL_REGISTRY)}) "
-                    "nor an existing checkpoint file"
-                )
         if args.threads is not None and args.threads < 1:
             raise ValueError(f"--threads must be >= 1, got {args.threads}")
         if args.mode == "boxes" and not args.boxes:
             raise ValueError(
                 "--mode boxes needs --boxes FILE_OR_FOLDER (see `napari-masam segment --help`)"
             )
+        boxes = Path(args.boxes).expanduser().absolute() if args.boxes else None
+        box_file = None
+        if boxes is not None and boxes.is_file():
+            from .io.boxes import read_box_file
+
+            box_file = read_box_file(boxes)  # parsed once, here: unusable files exit 2
         return batch.BatchConfig(
             model=spec,
             output_dir=Path(args.output).expanduser().absolute(),
             mode=args.mode,
-            boxes=Path(args.boxes).expanduser().absolute() if args.boxes else None,
+            boxes=boxes,
+            box_file=box_file,
             preset=args.preset,
             stride=args.stride,
             batch_size=args.batch_size,
@@ -428,20 +488,27 @@ def _segment_dask(
 # ----------------------------------------------------------------------------------------------
 # info
 # ----------------------------------------------------------------------------------------------
-def cache_location() -> Path | None:
-    """On-disk embedding cache folder, if :mod:`napari_masam.cache` defines a default one.
+def default_cache_dir() -> Path:
+    """The embedding cache folder used when ``--cache-dir`` is not given (per user)."""
+    import platformdirs
 
-    None: embeddings are cached in memory per session only (the current default).
-    """
-    try:
-        from . import cache
-    except ImportError:
-        return None
-    for name in ("default_cache_dir", "cache_dir", "default_directory"):
-        func = getattr(cache, name, None)
-        if callable(func):
-            return Path(func())
-    return None
+    return Path(platformdirs.user_cache_dir("napari-masam")) / "embeddings"
+
+
+def cache_location() -> Path:
+    """On-disk embedding cache folder of ``precompute`` and ``info`` (the default one)."""
+    return default_cache_dir()
+
+
+def cache_summary(directory: Path) -> dict[str, Any]:
+    """Location, entries and bytes of an on-disk embedding cache folder."""
+    files = sorted(directory.glob("*.safetensors")) if directory.is_dir() else []
+    return {
+        "directory": str(directory),
+        "exists": directory.is_dir(),
+        "entries": len(files),
+        "bytes": sum(f.stat().st_size for f in files),
+    }
 
 
 def gather_info() -> dict[str, Any]:
@@ -464,8 +531,7 @@ def gather_info() -> dict[str, Any]:
         info["devices"] = {"available": available_devices(), "auto": str(resolve_device("auto"))}
     except Exception as exc:  # info must work even where torch is broken
         info["devices"] = {"error": f"{type(exc).__name__}: {exc}"}
-    location = cache_location()
-    info["cache"] = str(location) if location else "memory (per session; no disk cache)"
+    info["cache"] = cache_summary(cache_location())
     try:
         from .weights import litemedsam_weights_path
 
@@ -487,6 +553,8 @@ def gather_info() -> dict[str, Any]:
 def cmd_info(args: argparse.Namespace) -> int:
     """``napari-masam info``."""
     info = gather_info()
+    if args.cache_dir:
+        info["cache"] = cache_summary(Path(args.cache_dir).expanduser().absolute())
     if args.json:
         print(json.dumps(info, indent=2))
         return EXIT_OK
@@ -503,7 +571,13 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(f"\nDevices: unavailable ({devices['error']})", file=out)
     else:
         print(f"\nDevices: {', '.join(devices['available'])} (auto -> {devices['auto']})", file=out)
-    print(f"Cache: {info['cache']}", file=out)
+    cache = info["cache"]
+    print(
+        f"Embedding cache: {cache['directory']} ({cache['entries']} entries, "
+        f"{cache['bytes'] / 2**20:.1f} MiB{'' if cache['exists'] else '; not created yet'}; "
+        "fill it with `napari-masam precompute`)",
+        file=out,
+    )
     print(f"Embedded weights: {info['embedded_weights']}", file=out)
     print(f"Sample data: {info['sample_data'] or 'not bundled (demo uses a phantom)'}", file=out)
     print(
@@ -519,188 +593,109 @@ def cmd_info(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------------------------
 # demo
 # ----------------------------------------------------------------------------------------------
-def sample_volume_path() -> Path | None:
-    """The bundled sample NIfTI volume (``napari_masam/data``), or None."""
-    data = Path(__file__).parent / "data"
-    if not data.is_dir():
-        return None
-    candidates = sorted(p for p in data.iterdir() if batch.input_kind(p) == "nifti")
-    volumes = [p for p in candidates if not _looks_like_labels(p.name)]
-    return (volumes or candidates or [None])[0]
+def cmd_precompute(args: argparse.Namespace) -> int:
+    """``napari-masam precompute``: encode every slice of each input into the disk cache.
 
-
-def _looks_like_labels(name: str) -> bool:
-    lower = name.lower()
-    return any(token in lower for token in ("seg", "label", "mask", "atlas"))
-
-
-#: Grid of the demo's CT phantom (small, so the demo stays quick on a CPU): (Z, Y, X), mm.
-PHANTOM_SHAPE_ZYX = (20, 64, 80)
-PHANTOM_SPACING_ZYX = (10.0, 5.0, 5.0)
-#: Phantom organs the demo puts boxes on (label values of io.sample_data.PHANTOM_CLASSES).
-PHANTOM_DEMO_OBJECTS = (1, 2)  # liver, spleen
-
-
-def write_phantom(path: Path, phantom: Any = None) -> Path:
-    """Write the synthetic abdominal CT of :func:`napari_masam.io.sample_data.make_ct_phantom`
-    (HU, int16) as a RAS NIfTI whose displayed volume is ``phantom.image_hu``.
-
-    ``phantom`` defaults to ``make_ct_phantom(PHANTOM_SHAPE_ZYX, PHANTOM_SPACING_ZYX)``.
+    The box run of the widget and of ``segment`` looks the embeddings up under the same keys
+    (content, model, preprocessing, window), so it then runs only the decoder. Videos are not
+    precomputed (they are streamed in chunks; their embeddings would not fit a cache).
     """
-    from .io.nifti import write_nifti
-    from .io.sample_data import make_ct_phantom
+    from .cache import EmbeddingCache
+    from .devices import resolve_device
+    from .session import SegmentationSession
 
-    if phantom is None:
-        phantom = make_ct_phantom(PHANTOM_SHAPE_ZYX, PHANTOM_SPACING_ZYX)
-    return write_nifti(
-        path,
-        phantom.image_hu,
-        is_labels=False,
-        spacing_zyx=phantom.spacing_zyx,
-        translate_zyx=phantom.translate_zyx,
-    )
-
-
-def otsu_threshold(values: Any, bins: int = 256) -> float:
-    """Otsu's threshold of a 1-D sample: the cut maximising the between-class variance."""
-    import numpy as np
-
-    values = np.asarray(values, dtype=np.float64).ravel()
-    hist, edges = np.histogram(values, bins=bins)
-    centres = (edges[:-1] + edges[1:]) / 2
-    weight = np.cumsum(hist)
-    total = weight[-1]
-    mean_low = np.cumsum(hist * centres)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        mu0 = mean_low / weight
-        mu1 = (mean_low[-1] - mean_low) / (total - weight)
-        between = weight * (total - weight) * (mu0 - mu1) ** 2
-    between = np.nan_to_num(between[:-1], nan=-1.0)
-    return float(edges[1:][int(np.argmax(between))])
-
-
-def derive_demo_boxes(
-    volume_zyx: Any, n_objects: int = 2, n_keyframes: int = 3
-) -> dict[int, dict[int, tuple[float, float, float, float]]]:
-    """Boxes around the brightest structures of a volume, on a few keyframes each.
-
-    Otsu's threshold gives a mask of bright structures (applied a second time within the
-    mask when the first cut only separated the body from the air, i.e. kept > 25 % of the
-    voxels); its ``n_objects`` largest 3-D connected
-    blobs become objects 1..n. Each gets ``n_keyframes`` slices evenly spread over the middle
-    60 % of its extent, with the blob's bounding box there padded by 3 pixels (XYXY pixel
-    indices of the displayed slice, max edge inclusive) -- the demo's stand-in for boxes a user
-    draws.
-
-    Returns
-    -------
-    dict
-        ``{object_id: {slice: (x0, y0, x1, y1)}}``.
-
-    Raises
-    ------
-    ValueError
-        If nothing stands out of the background.
-    """
-    import numpy as np
-    from scipy import ndimage
-
-    volume = np.asarray(volume_zyx, dtype=np.float32)
-    bright = volume > otsu_threshold(volume)
-    if bright.mean() > 0.25:  # that cut separated air from the body: cut again inside
-        bright = volume > otsu_threshold(volume[bright])
-    blobs, count = ndimage.label(bright)
-    if count == 0:
-        raise ValueError("demo: the sample volume has no bright structure to put a box on")
-    sizes = ndimage.sum_labels(np.ones_like(blobs), blobs, index=np.arange(1, count + 1))
-    order = np.argsort(sizes)[::-1][:n_objects] + 1
-    return keyframe_boxes(blobs, [int(b) for b in order], n_keyframes)
-
-
-def keyframe_boxes(
-    labels_zyx: Any, label_ids: Sequence[int], n_keyframes: int = 3
-) -> dict[int, dict[int, tuple[float, float, float, float]]]:
-    """Boxes of the given labels of a ``(Z, Y, X)`` label volume on a few keyframes each.
-
-    Label ``label_ids[i]`` becomes object ``i + 1`` (labels absent from the volume are
-    skipped). Each gets ``n_keyframes`` slices evenly spread over the middle 60 % of its
-    extent, with its bounding box there padded by 3 pixels (XYXY pixel indices of the displayed
-    slice, max edge inclusive).
-    """
-    import numpy as np
-
-    blobs = np.asarray(labels_zyx)
-    boxes: dict[int, dict[int, tuple[float, float, float, float]]] = {}
-    _, height, width = blobs.shape
-    for blob in label_ids:
-        zs = np.flatnonzero((blobs == blob).any(axis=(1, 2)))
-        if zs.size == 0:
-            continue
-        lo, hi = int(zs[0]), int(zs[-1])
-        span = hi - lo
-        picks = np.unique(
-            np.round(np.linspace(lo + 0.2 * span, hi - 0.2 * span, n_keyframes)).astype(int)
+    try:
+        spec = batch.ModelSpec(
+            model=args.model,
+            checkpoint=args.checkpoint,
+            sam_checkpoint=args.sam_checkpoint,
+            masam_checkpoint=args.masam_checkpoint,
+            device=args.device,
         )
-        frames: dict[int, tuple[float, float, float, float]] = {}
-        for z in picks:
-            rows, cols = np.nonzero(blobs[z] == blob)
-            if rows.size == 0:
-                continue
-            frames[int(z)] = (
-                float(max(cols.min() - 3, 0)),
-                float(max(rows.min() - 3, 0)),
-                float(min(cols.max() + 3, width - 1)),
-                float(min(rows.max() + 3, height - 1)),
-            )
-        if frames:
-            boxes[len(boxes) + 1] = frames
-    return boxes
-
-
-def write_boxes_json(path: Path, boxes: dict[int, dict[int, tuple[float, ...]]]) -> Path:
-    """Write keyframe boxes in the box-file schema of ``segment --boxes`` (JSON, atomically)."""
-    rows = [
-        {
-            "object": int(obj),
-            "slice": int(z),
-            "x0": float(xyxy[0]),
-            "y0": float(xyxy[1]),
-            "x1": float(xyxy[2]),
-            "y1": float(xyxy[3]),
-        }
-        for obj, frames in sorted(boxes.items())
-        for z, xyxy in sorted(frames.items())
+    except (ValueError, FileNotFoundError) as exc:
+        raise UsageError(str(exc)) from exc
+    directory = Path(args.cache_dir).expanduser().absolute() if args.cache_dir else cache_location()
+    items, problems = batch.discover_inputs(args.inputs)
+    videos = [i for i in items if i.kind == "video"]
+    items = [i for i in items if i.kind != "video"]
+    problems += [
+        batch.JobResult(
+            str(v.path),
+            "failed",
+            error=f"{v.path.name}: videos are streamed, not precomputed; precompute volumes "
+            "and TIFF stacks",
+        )
+        for v in videos
     ]
-    batch.write_json_atomic(path, {"boxes": rows})
-    return path
+    for problem in problems:
+        _write(f"error: {problem.error}")
+    if not items:
+        raise UsageError(f"no NIfTI or TIFF inputs found in {' '.join(args.inputs)}")
+    device = resolve_device(spec.device)
+    cache = EmbeddingCache(max_bytes=0, directory=directory)  # disk only: every slice once
+    session = SegmentationSession(spec.load(device), device, cache=cache)
+    failed = len(problems)
+    for item in items:
+        try:
+            stack, _, _ = batch.read_stack(item)
+            depth, height, width = (int(n) for n in stack.shape[:3])
+            # one whole-slice box per slice: the box run's own windows and cache keys
+            whole = {1: {z: (0, 0, width - 1, height - 1) for z in range(depth)}}
+            bar = _bar(total=depth, unit="slice", desc=item.path.name, disable=args.quiet)
+            try:
+                batch.drain(
+                    session.iter_boxes(stack, whole, preset=args.preset),
+                    lambda p, bar=bar: bar.update(max(0, int(p.done) - bar.n)),
+                )
+            finally:
+                bar.close()
+            if not args.quiet:
+                _write(f"{item.path.name}: {depth} slices cached")
+        except (ValueError, TypeError, OSError) as exc:
+            failed += 1
+            _write(f"error: {item.path.name}: {exc}")
+    summary = cache_summary(directory)
+    if not args.quiet:
+        print(
+            f"Embedding cache {summary['directory']}: {summary['entries']} entries, "
+            f"{summary['bytes'] / 2**20:.1f} MiB",
+            file=sys.stdout,
+        )
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+def cmd_boxes(args: argparse.Namespace) -> int:
+    """``napari-masam boxes IN OUT``: convert a box file (napari Shapes CSV <-> table)."""
+    from .io.boxes import read_box_file, save_boxes_file, save_napari_shapes_csv
+
+    try:
+        box_file = read_box_file(Path(args.source).expanduser())
+    except (ValueError, FileNotFoundError) as exc:
+        raise UsageError(str(exc)) from exc
+    target = Path(args.target).expanduser()
+    keyframes = box_file.keyframes
+    if args.to == "napari":
+        if target.suffix.lower() != ".csv":
+            raise UsageError(f"{target}: napari's Shapes CSV needs a .csv name")
+        save_napari_shapes_csv(keyframes, target)
+    else:
+        save_boxes_file(keyframes, target)
+    n = sum(len(frames) for frames in keyframes.values())
+    print(f"{n} boxes of {len(keyframes)} objects -> {target}", file=sys.stdout)
+    return EXIT_OK
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """``napari-masam demo``: the README quick start."""
     import numpy as np
 
-    from .io.nifti import read_nifti
     from .model.registry import DEFAULT_MODEL
 
     out = Path(args.output).expanduser().absolute()
-    sample = sample_volume_path()
-    source = "bundled sample"
-    phantom_boxes = None
-    if sample is None:
-        from .io.sample_data import make_ct_phantom
-
-        phantom = make_ct_phantom(PHANTOM_SHAPE_ZYX, PHANTOM_SPACING_ZYX)
-        sample = write_phantom(out / "inputs" / "phantom.nii.gz", phantom)
-        source = "synthetic phantom"
-        phantom_boxes = keyframe_boxes(phantom.labels, PHANTOM_DEMO_OBJECTS)
-    if phantom_boxes is not None:
-        boxes = phantom_boxes  # the phantom's exact organs
-    elif batch.file_sha256(sample) == DEMO_SAMPLE_SHA256:
-        boxes = DEMO_SAMPLE_BOXES
-    else:
-        boxes = derive_demo_boxes(np.asarray(read_nifti(sample).data))
+    prepared = demo.prepare_demo(out)
+    sample, source, boxes_path = prepared.sample, prepared.source, prepared.boxes_path
+    boxes = prepared.boxes
     stem = batch.input_stem(sample)
-    boxes_path = write_boxes_json(out / "boxes" / f"{stem}.json", boxes)
     config = batch.BatchConfig(
         model=batch.ModelSpec(model=DEFAULT_MODEL, device=args.device),
         output_dir=out,
@@ -772,7 +767,12 @@ def _attach_log_handler(verbosity: int) -> tuple[logging.Handler, int]:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``napari-masam`` with ``argv`` (default ``sys.argv[1:]``); return the exit code."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # usage errors exit 2 at parse time; --help/--version exit 0
+        if exc.code in (0, None):
+            raise
+        return EXIT_USAGE
     handler, old_level = _attach_log_handler(args.verbose)
     try:
         return int(args.func(args))

@@ -41,9 +41,7 @@ def _import_distributed() -> Any:
 
 def plugin_name(spec: ModelSpec) -> str:
     """Name of the worker plugin of a model source (one model per source per worker)."""
-    key = json.dumps(
-        [spec.model, spec.checkpoint, spec.sam_checkpoint, spec.masam_checkpoint, spec.device]
-    )
+    key = json.dumps([repr(spec.model_source), spec.device])
     return "napari-masam-model-" + hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
@@ -112,7 +110,7 @@ def worker_holder(name: str, spec: ModelSpec) -> SessionHolder:
 
     worker = get_worker()
     plugin = worker.plugins.get(name)
-    if plugin is None or getattr(plugin, "holder", None) is None:
+    if not isinstance(plugin, ModelPlugin) or plugin.holder is None:
         # plugin missing (e.g. a worker that joined oddly): keep one holder on the worker object
         holders = worker.__dict__.setdefault("_napari_masam_holders", {})
         return holders.setdefault(name, SessionHolder(spec))
