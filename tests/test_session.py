@@ -93,3 +93,22 @@ def test_session_propagates_with_its_cache(model) -> None:
     # a second object on the same stack: decoder only
     second = session.segment_propagate(vol, {2: {3: (20, 20, 50, 50)}}, preset="ct_abdomen")
     assert second.timings["windows_encoded"] == 0 and second.timings["decoded"] >= 1
+
+
+@pytest.mark.parametrize("windows", ["tiled", "centred"])
+def test_precompute_makes_later_runs_decoder_only(model, windows) -> None:
+    session = SegmentationSession(model, "cpu")
+    vol = volume()
+    progress = list(session.iter_precompute(vol, windows=windows, preset="ct_abdomen"))
+    d = model.slices_per_group
+    expected = -(-len(vol) // d) if windows == "tiled" else len(vol)
+    assert len(progress) == expected and progress[-1].fraction == 1.0
+    assert all(p.stage == "precompute" and p.labels_slice is None for p in progress)
+    boxes = {1: {z: (10, 10, 40, 40) for z in range(len(vol))}}
+    warm = session.segment_boxes(vol, boxes, windows=windows, preset="ct_abdomen")
+    assert warm.timings["windows_encoded"] == 0
+    cold = run(iter_segment_boxes(model, vol, boxes, windows=windows, preset="ct_abdomen"))
+    np.testing.assert_array_equal(warm.labels, cold.labels)
+    if windows == "tiled":
+        prop = session.segment_propagate(vol, {1: {3: (10, 10, 40, 40)}}, preset="ct_abdomen")
+        assert prop.timings["windows_encoded"] == 0

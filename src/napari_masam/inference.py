@@ -822,6 +822,116 @@ def iter_segment_boxes(
     )
 
 
+# ----------------------------------------------------------------------------------------------
+# Precompute
+# ----------------------------------------------------------------------------------------------
+def iter_precompute(
+    model: SegmentationModel,
+    stack: Any,
+    cache: EmbeddingCache,
+    *,
+    slices: Sequence[int] | None = None,
+    windows: str = "tiled",
+    preset: str | IntensityPreset | None = None,
+    device: Any = None,
+    stack_orientation: str | None = None,
+    batch_size: int | None = None,
+    autocast: bool = True,
+    num_threads: int | None = None,
+    window: tuple[float, float] | None = None,
+) -> Generator[Progress, None, dict[str, float]]:
+    """Fill ``cache`` with the embeddings later box or propagation runs will ask for.
+
+    Run it while the user looks at the image (the widget) or before a batch of prompts: later
+    :func:`iter_segment_boxes` / :func:`~napari_masam.propagation.iter_propagate` runs with the
+    same model, stack, preset and ``window`` then need the decoder only.
+
+    Parameters
+    ----------
+    model : SegmentationModel
+    stack : array-like
+        (Z, Y, X) or (T, Y, X, 3), as for the other modes.
+    cache : EmbeddingCache
+        Where the rows go (e.g. ``session.cache``; a ``directory`` keeps them across sessions).
+    slices : sequence of int or None
+        Stack slices to cover (default: all).
+    windows : {"tiled", "centred"}
+        The groups to encode: ``"tiled"`` (what propagation and ``windows="tiled"`` box runs
+        use; one encode per D slices) or ``"centred"`` (the default box windows; one encode per
+        slice, of its centred group). Identical for D = 1 models.
+    preset, device, stack_orientation, batch_size, autocast, num_threads, window
+        As :func:`iter_segment_boxes`; they must match the later runs for the keys to match.
+
+    Yields
+    ------
+    Progress
+        ``stage="precompute"``, one per group encoded (``slice_index`` = its first stack slice,
+        ``labels_slice`` None). Closing the generator keeps what was stored.
+
+    Returns
+    -------
+    dict
+        The engine timings (``windows_encoded``, ``cache_hits``, ``encode_s``, ``total_s``).
+    """
+    if windows not in BOX_WINDOWS:
+        raise ValueError(f"windows must be one of {BOX_WINDOWS}, got {windows!r}.")
+    t_start = time.perf_counter()
+    eng = _start_engine(
+        "boxes",
+        model,
+        stack,
+        num_threads,
+        preset=preset,
+        device=device,
+        cache=cache,
+        stack_orientation=stack_orientation,
+        batch_size=batch_size,
+        autocast=autocast,
+        window=window,
+    )
+    depth, group, front = eng.depth, eng.group, eng.front
+    wanted = range(eng.stack_shape[0]) if slices is None else sorted({int(z) for z in slices})
+    starts: list[int] = []  # padded window starts, in order
+    for zs in wanted:
+        if not 0 <= zs < eng.stack_shape[0]:
+            raise ValueError(f"Slice {zs} is outside the stack's {eng.stack_shape[0]} slices.")
+        z = eng.transform.slice_to_model(zs, depth) if eng.transform.keeps_slice_axis else zs
+        start = (z - z % group + front) if windows == "tiled" else z
+        if start not in starts:
+            starts.append(start)
+    rows = None if windows == "tiled" else [front]
+    was_training = model.training
+    if was_training:
+        model.eval()
+    try:
+        for b in range(0, len(starts), eng.batch_size):
+            batch = starts[b : b + eng.batch_size]
+            groups = [eng.members(start) for start in batch]
+            with _torch_threads(num_threads), eng.compute():
+                eng.embeddings(groups, rows)
+            eng.keep_only(set())
+            for start in batch:
+                first = eng.members(start)[0] if windows == "tiled" else start
+                zs = (
+                    eng.transform.slice_from_model(first, depth)
+                    if eng.transform.keeps_slice_axis
+                    else first
+                )
+                yield Progress(
+                    starts.index(start) + 1,
+                    len(starts),
+                    time.perf_counter() - t_start,
+                    zs,
+                    None,
+                    "precompute",
+                )
+    finally:
+        if was_training:
+            model.train()
+    eng.timings["total_s"] = time.perf_counter() - t_start
+    return dict(eng.timings)
+
+
 def __getattr__(name: str) -> Any:
     # propagation builds on this module; re-exported lazily to avoid an import cycle
     if name in ("iter_propagate", "PropagationConfig"):

@@ -169,6 +169,17 @@ class SegmentationSession:
 
         return run(self.iter_propagate(stack, boxes, **kwargs))
 
+    def iter_precompute(
+        self, stack: Any, **kwargs: Any
+    ) -> Generator[Progress, None, dict[str, float]]:
+        """:func:`napari_masam.inference.iter_precompute` into the session cache: embeddings
+        computed ahead (``slices=``, ``windows="tiled"`` for propagation, ``"centred"`` for
+        default box runs), so later prompts run the decoder only."""
+        from .inference import iter_precompute
+
+        kwargs.setdefault("device", self.device)
+        return iter_precompute(self.model, stack, self.cache, **kwargs)
+
     def segment_automatic(self, stack: Any, **kwargs: Any) -> SegmentationResult:
         """Run :meth:`iter_automatic` to the end and return its result."""
         from .inference import run
