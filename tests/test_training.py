@@ -14,11 +14,11 @@ from napari_masam.training import (
     TrainingCase,
     TrainingConfig,
     augment_group,
-    boxes_from_labels,
     build_training_model,
     evaluate_cases,
     group_slice_indices,
     iter_train,
+    jittered_group_boxes,
     lr_factor,
     masam_loss,
     select_groups,
@@ -171,15 +171,15 @@ def test_intensity_augmentation_stays_in_unit_range():
     assert torch.equal(out_labels, labels)
 
 
-def test_boxes_from_labels_exact_and_jittered():
+def test_jittered_group_boxes_exact_and_jittered():
     labels = torch.zeros(3, 40, 40, dtype=torch.long)
     labels[0, 5:11, 7:20] = 1  # rows 5..10, cols 7..19
     labels[2, 30:35, 1:4] = 1
-    exact = boxes_from_labels(labels, 0.0, None, 40)
+    exact = jittered_group_boxes(labels, 0.0, None, 40)
     assert exact[0].tolist() == [7.0, 5.0, 19.0, 10.0]
     assert exact[2].tolist() == [1.0, 30.0, 3.0, 34.0]
     assert exact[1].tolist() == [1.0, 5.0, 19.0, 34.0]  # empty slice: the group's union box
-    jittered = boxes_from_labels(labels, 0.1, torch.Generator().manual_seed(0), 40)
+    jittered = jittered_group_boxes(labels, 0.1, torch.Generator().manual_seed(0), 40)
     side = torch.tensor([13.0, 6.0, 13.0, 6.0])
     assert torch.all((jittered[0] - exact[0]).abs() <= 0.1 * side + 1e-6)
     assert not torch.equal(jittered, exact)
@@ -381,14 +381,20 @@ def test_cli_trains_from_nifti_files(tmp_path):
     nib.save(nib.Nifti1Image(image.transpose(2, 1, 0), affine), tmp_path / "ph.nii.gz")
     nib.save(nib.Nifti1Image(labels.transpose(2, 1, 0), affine), tmp_path / "ph_labels.nii.gz")
     out = tmp_path / "run"
+    # the tiny test model enters as a saved start (test configs are offered in no menu)
+    from napari_masam.checkpoints import save_checkpoint
+
+    start = save_checkpoint(build_training_model("tiny", 2), tmp_path / "tiny.safetensors")
+    assert main(["train", str(tmp_path), "-o", str(out), "--backbone", "tiny"]) == 2
+    assert not out.exists()
     code = main(
         [
             "train",
             str(tmp_path),
             "-o",
             str(out),
-            "--backbone",
-            "tiny",
+            "--init-checkpoint",
+            str(start),
             "--classes",
             "disk,box",
             "--epochs",
@@ -518,3 +524,110 @@ def test_tiny_vit_masam_learns_the_phantom(phantom_case):
     assert np.mean(result.step_losses[-5:]) < 0.2 * np.mean(result.step_losses[:5])
     assert np.all(after > 0.9), after
     assert _independent_dice(result.model, val[0]) == pytest.approx(after, abs=1e-12)
+
+
+# ---------------------------------------------------------------------------------- faults
+def _write_then_fail(target_index: int):
+    """A writer that puts half a file at its destination argument, then is interrupted."""
+
+    def fake(*args, **kwargs):
+        path = args[target_index]
+        with open(path, "wb") as f:
+            f.write(b"half a fi")
+        raise KeyboardInterrupt("Ctrl-C while writing")
+
+    return fake
+
+
+@pytest.mark.parametrize("what", ["history", "authors", "best", "state"])
+def test_interrupted_write_keeps_the_previous_file(phantom_case, tmp_path, monkeypatch, what):
+    from napari_masam.training.outputs import RunFolder
+
+    config = dataclasses.replace(FAST, epochs=1, max_steps_per_epoch=1)
+    result = train(
+        build_training_model("tiny", 2), [phantom_case], config, output_dir=tmp_path, device="cpu"
+    )
+    folder = RunFolder(tmp_path)
+    names = {
+        "history": "history.json",
+        "authors": "best_authors.pth",
+        "best": "best.safetensors",
+        "state": "resume.pt",
+    }
+    target = tmp_path / names[what]
+    before = target.read_bytes()
+    if what == "history":
+        import pathlib
+
+        def half_text(self, text, *a, **k):
+            pathlib.Path.write_bytes(self, text.encode()[:5])
+            raise KeyboardInterrupt("Ctrl-C while writing")
+
+        monkeypatch.setattr(pathlib.Path, "write_text", half_text)
+        call = lambda: folder.save_history([{"epoch": 9}])  # noqa: E731
+    elif what == "best":
+        import safetensors.torch
+
+        monkeypatch.setattr(safetensors.torch, "save_file", _write_then_fail(1))
+        call = lambda: folder.save_model(result.model, "best.safetensors")  # noqa: E731
+    else:
+        monkeypatch.setattr(torch, "save", _write_then_fail(1))
+        if what == "authors":
+            call = lambda: folder.save_authors(result.model)  # noqa: E731
+        else:
+            call = lambda: folder.save_state({"step": 9})  # noqa: E731
+    with pytest.raises(KeyboardInterrupt):
+        call()
+    assert target.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["history.json", "best_authors.pth", "best.safetensors", "last.safetensors", "resume.pt"]
+    )  # no half-written temporary file left behind
+
+
+def test_should_stop_abandons_the_step_in_flight_and_resumes_bit_for_bit(phantom_case, tmp_path):
+    config = dataclasses.replace(FAST, epochs=2, max_steps_per_epoch=2, batch_size=1)
+    start = build_training_model("tiny", 2, seed=1)
+    reference = copy.deepcopy(start)
+    items, _ = run_to_end(iter_train(reference, [phantom_case], config, device="cpu"))
+    losses = [p.loss for p in items if p.stage == "train"]
+
+    asked = []
+
+    def stop_in_step_two() -> bool:
+        asked.append(1)
+        return len(asked) > 4  # step 1 asks 3 times; step 2 is cut once its batch is drawn
+
+    stopped = copy.deepcopy(start)
+    items1, result1 = run_to_end(
+        iter_train(
+            stopped,
+            [phantom_case],
+            config,
+            output_dir=tmp_path,
+            device="cpu",
+            should_stop=stop_in_step_two,
+        )
+    )
+    assert result1.cancelled and [p.step for p in items1] == [1]
+    assert result1.step_losses == losses[:1]
+    saved = torch.load(tmp_path / "resume.pt", map_location="cpu", weights_only=True)
+    assert saved["step"] == 1
+    resumed = copy.deepcopy(start)
+    _, result2 = run_to_end(
+        iter_train(resumed, [phantom_case], config, output_dir=tmp_path, device="cpu", resume=True)
+    )
+    assert result2.step_losses == losses and not result2.cancelled
+    for (k, a), b in zip(reference.named_parameters(), resumed.parameters()):
+        assert torch.equal(a, b), k
+
+
+def test_progress_carries_an_eta_from_measured_steps(phantom_case):
+    config = dataclasses.replace(FAST, epochs=2, max_steps_per_epoch=2)
+    items, _ = run_to_end(iter_train(build_training_model("tiny", 2), [phantom_case], config))
+    steps = [p for p in items if p.stage == "train"]
+    assert all(p.step_s is not None and p.step_s > 0 for p in steps)
+    assert all(p.eta_s is not None for p in items)
+    # before the last step: at least the remaining steps at the measured mean step time
+    first = steps[0]
+    assert first.eta_s >= (first.total_steps - first.step) * first.step_s * 0.5
+    assert steps[-1].eta_s >= 0 and items[-1].eta_s == 0.0

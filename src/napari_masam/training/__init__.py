@@ -2,6 +2,12 @@
 
 Light to import: the config, data and CLI parts need no torch; the loop (``iter_train`` and
 friends, in :mod:`napari_masam.training.loop`) is imported on first attribute access.
+
+Modules: :mod:`.config` (the recipe's numbers, device defaults), :mod:`.data` (cases, splits,
+groups), :mod:`.recipe` (loss, schedule, augmentation, jittered boxes), :mod:`.models` (the
+starting model, trainable parameters), :mod:`.state` (a run's plan and state, resume),
+:mod:`.evaluate` (validation through the engine), :mod:`.outputs` (the run's files, written
+atomically), :mod:`.loop` (:func:`iter_train`), :mod:`.cli` (``napari-masam train``).
 """
 
 from __future__ import annotations
@@ -10,7 +16,7 @@ import importlib
 from typing import Any
 
 from .cli import add_train_parser, run_train
-from .config import BACKBONES, TrainingConfig
+from .config import BACKBONES, TEST_BACKBONES, TrainingConfig
 from .data import (
     TrainingCase,
     check_cases,
@@ -34,7 +40,7 @@ _LAZY = (
     "lr_factor",
     "warmup_steps_for",
     "augment_group",
-    "boxes_from_labels",
+    "jittered_group_boxes",
     "trainable_parameter_names",
     "apply_trainable",
     "build_training_model",
@@ -44,10 +50,13 @@ _LAZY = (
     "AUTHORS_NAME",
     "STATE_NAME",
     "HISTORY_NAME",
+    "RunPlan",
+    "TrainingState",
 )
 
 __all__ = [
     "BACKBONES",
+    "TEST_BACKBONES",
     "TrainingCase",
     "TrainingConfig",
     "add_train_parser",

@@ -6,8 +6,11 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-#: Backbones :func:`napari_masam.training.build_training_model` knows how to build.
-BACKBONES = ("masam-lite", "tiny", "tiny_train", "vit_b", "vit_l", "vit_h")
+#: Backbones offered to users (CLI ``--backbone``, the Fine-tune widget's drop-down).
+BACKBONES = ("masam-lite", "vit_b", "vit_l", "vit_h")
+#: Random tiny MA-SAMs for tests: :func:`napari_masam.training.build_training_model` builds
+#: them, no menu offers them.
+TEST_BACKBONES = ("tiny", "tiny_train")
 
 
 @dataclass(frozen=True)
