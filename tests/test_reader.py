@@ -126,3 +126,93 @@ def test_viewer_video_is_lazy(make_napari_viewer, plugin, clip):
     assert 0 < decoded <= 2 * 10 + 4  # from the keyframe at 50, not from frame 0
     shown = np.asarray(layer._slice.image.raw)
     np.testing.assert_array_equal(shown[..., :3], video[55])
+
+
+# ------------------------------------------------ the reason reaches the person (issue 13.5)
+@pytest.fixture
+def shown(monkeypatch):
+    """Messages napari-masam shows through napari's notifications."""
+    from napari.utils import notifications
+
+    messages: list[str] = []
+    monkeypatch.setattr(notifications, "show_error", messages.append)
+    monkeypatch.setattr(notifications, "show_warning", messages.append)
+    return messages
+
+
+def _write_bad_files(tmp_path: pathlib.Path) -> dict[str, tuple[pathlib.Path, str]]:
+    """name -> (file, what our message must say)."""
+    import gzip
+
+    files = {}
+    cplx = (np.arange(24).reshape(2, 3, 4) * 1j).astype(np.complex64)
+    nib.save(nib.Nifti1Image(cplx, np.eye(4)), tmp_path / "complex.nii.gz")
+    files["complex"] = (tmp_path / "complex.nii.gz", "complex voxels")
+    rgb = np.zeros((2, 3, 4), dtype=[("R", "u1"), ("G", "u1"), ("B", "u1")])
+    nib.save(nib.Nifti1Image(rgb, np.eye(4)), tmp_path / "rgb.nii")
+    files["rgb"] = (tmp_path / "rgb.nii", "colour voxels (RGB24")
+    hdr = nib.Nifti1Header()
+    hdr.set_data_shape((2048, 2048, 2048))
+    hdr.set_data_dtype(np.uint8)
+    hdr["vox_offset"] = 352
+    with gzip.open(tmp_path / "liar.nii.gz", "wb") as fh:
+        fh.write(hdr.binaryblock + b"\0" * 4 + bytes(1000))
+    files["liar"] = (tmp_path / "liar.nii.gz", "8.0 GiB")
+    (tmp_path / "junk.nii").write_text("nonsense")
+    files["junk"] = (tmp_path / "junk.nii", "not a readable NIfTI file")
+    return files
+
+
+def test_refused_files_say_why(tmp_path, shown):
+    for path, says in _write_bad_files(tmp_path).values():
+        shown.clear()
+        assert napari_get_reader(str(path)) is None
+        (message,) = shown
+        assert path.name in message and says in message, message
+        assert "IndexError" not in message and "SVD" not in message
+    # not ours by name: silently None (another plugin's business)
+    shown.clear()
+    assert napari_get_reader(str(tmp_path / "x.png")) is None
+    assert shown == []
+
+
+def test_reader_function_failure_is_shown(ch2bet_path, tmp_path, shown):
+    from napari_masam._reader import read_nifti_layers
+
+    blob = ch2bet_path.read_bytes()
+    (tmp_path / "cut.nii.gz").write_bytes(blob[: len(blob) // 2])
+    assert read_nifti_layers(str(tmp_path / "cut.nii.gz")) is None
+    (message,) = shown
+    assert "cut.nii.gz" in message and "truncated or corrupt" in message
+
+
+def test_units_and_physical_unit_on_layers(ch2_path, tmp_path):
+    import tifffile
+
+    ((_, kw, _),) = napari_get_reader(str(ch2_path))(str(ch2_path))
+    assert kw["units"] == ("mm", "mm", "mm") and kw["metadata"]["physical_unit"] == "mm"
+    tifffile.imwrite(
+        tmp_path / "cells.tif",
+        np.zeros((4, 8, 9), np.uint16),
+        imagej=True,
+        resolution=(1 / 0.3, 1 / 0.3),
+        metadata={"spacing": 2.0, "unit": "micron", "axes": "ZYX"},
+    )
+    ((_, kw, _),) = napari_get_reader(str(tmp_path / "cells.tif"))(str(tmp_path / "cells.tif"))
+    np.testing.assert_allclose(kw["scale"], (0.002, 0.0003, 0.0003), rtol=1e-6)
+    assert kw["units"] == ("mm", "mm", "mm") and kw["metadata"]["physical_unit"] == "mm"
+    tifffile.imwrite(tmp_path / "photo.tif", np.zeros((8, 9), np.uint16), resolution=(72, 72))
+    ((_, kw, _),) = napari_get_reader(str(tmp_path / "photo.tif"))(str(tmp_path / "photo.tif"))
+    assert kw["scale"] == (1.0, 1.0) and kw["units"] == ("pixel", "pixel")
+    assert kw["metadata"]["physical_unit"] is None
+
+
+@pytest.mark.gui
+def test_viewer_shows_our_reason_for_a_refused_file(make_napari_viewer, plugin, tmp_path, shown):
+    files = _write_bad_files(tmp_path)
+    viewer = make_napari_viewer()
+    path, says = files["liar"]
+    with pytest.raises(Exception, match="refused"):  # napari's own words ...
+        viewer.open(str(path), plugin="napari-masam")
+    assert any(says in m and path.name in m for m in shown)  # ... and ours, with the reason
+    assert len(viewer.layers) == 0

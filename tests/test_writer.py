@@ -93,3 +93,23 @@ def test_npe2_write_api(npe2pm, ch2_path, tmp_path):
     np.testing.assert_array_equal(
         np.asanyarray(back.dataobj), np.asanyarray(nib.load(ch2_path).dataobj) > 100
     )
+
+
+def test_2d_nifti_one_slice_result_written_back(tmp_path):
+    """The 2-D rule: a (1, Y, X) result of a 2-D file is written as that 2-D file."""
+    arr = np.arange(12 * 9, dtype=np.int16).reshape(12, 9)
+    src = tmp_path / "slice.nii.gz"
+    nib.save(nib.Nifti1Image(arr, np.diag([0.5, 0.7, 3.0, 1.0])), src)
+    ((data, kwargs, _),) = read_nifti_layers(str(src))
+    labels = (np.asarray(data) % 3)[None].astype(np.uint8)  # (1, Y, X) from stack_zyx
+    meta = {**_meta(kwargs), "scale": (1.0, *kwargs["scale"]), "translate": (0.0, 0.0, 0.0)}
+    (out,) = write_labels(str(tmp_path / "slice_seg.nii.gz"), labels, meta)
+    back = nib.load(out)
+    assert back.shape == arr.shape
+    np.testing.assert_array_equal(back.affine, nib.load(src).affine)
+    np.testing.assert_array_equal(np.asanyarray(back.dataobj), arr % 3)
+
+
+def test_writer_refuses_unknown_ending_with_reason(tmp_path):
+    with pytest.raises(ValueError, match=r"use \.nii\.gz, \.nii or \.tif"):
+        write_labels(str(tmp_path / "x.png"), np.zeros((2, 3), np.uint8), {"name": "x"})

@@ -57,7 +57,11 @@ def make_sample_phantom() -> list[LayerData]:
         "scale": image_vol.scale,
         "translate": image_vol.translate,
         "contrast_limits": (-200, 250),
-        "metadata": {"nifti": image_vol.metadata, "intensity_preset": "ct_abdomen"},
+        "metadata": {
+            "nifti": image_vol.metadata,
+            "intensity_preset": "ct_abdomen",
+            "physical_unit": "mm",
+        },
         "units": ("mm", "mm", "mm"),
     }
     labels_kwargs = {
@@ -66,6 +70,7 @@ def make_sample_phantom() -> list[LayerData]:
         "translate": label_vol.translate,
         "metadata": {
             "nifti": label_vol.metadata,
+            "physical_unit": "mm",
             "class_names": list(ph.class_names),
             "class_colors": {k: list(v) for k, v in class_colors.items()},
         },

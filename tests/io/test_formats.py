@@ -172,3 +172,32 @@ def test_atomic_path_keeps_the_old_file_on_failure(tmp_path):
         raise RuntimeError("disk full")
     assert target.read_bytes() == b"old"
     assert [p.name for p in tmp_path.iterdir()] == ["keep.nii"]
+
+
+# ------------------------------------------------------------ labels written like their image
+@pytest.mark.filterwarnings("ignore::napari_masam.io.nifti.ObliqueAffineWarning")
+def test_save_labels_like_oblique_nifti(tmp_path, ch2bet_path):
+    import nibabel as nib
+
+    from napari_masam._reader import read_nifti_layers
+    from napari_masam.io.formats import save_labels_like
+
+    img = nib.load(ch2bet_path).slicer[::4, ::4, ::4]
+    t = np.deg2rad(15)
+    rot = np.eye(4)
+    rot[1:3, 1:3] = [[np.cos(t), -np.sin(t)], [np.sin(t), np.cos(t)]]
+    src = tmp_path / "oblique.nii.gz"
+    nib.save(nib.Nifti1Image(np.asarray(img.dataobj, np.int16), rot @ img.affine), src)
+    ((data, kwargs, _),) = read_nifti_layers(str(src))
+    labels = (np.asarray(data) > 60).astype(np.uint8) * 4
+    out = save_labels_like(tmp_path / "oblique_seg", labels, kwargs["metadata"])
+    assert out.name == "oblique_seg.nii.gz"
+    saved = nib.load(out)
+    np.testing.assert_array_equal(saved.affine, nib.load(src).affine)
+    np.testing.assert_array_equal(
+        np.asanyarray(saved.dataobj), (np.asanyarray(nib.load(src).dataobj) > 60) * 4
+    )
+    with pytest.raises(ValueError, match="does not match the displayed shape"):
+        save_labels_like(tmp_path / "bad.nii.gz", labels[:-1], kwargs["metadata"])
+    with pytest.raises(ValueError, match=r"use \.nii\.gz/\.nii"):
+        save_labels_like(tmp_path / "bad.png", labels, kwargs["metadata"])
