@@ -510,6 +510,8 @@ def iter_propagate(
         if st is None or oid not in st.expected:
             return
         st.parts.setdefault(oid, []).append((weight, crop))
+        if st.pending() == 0:
+            completed.append(z)
 
     def end_walk(walk: _Walk, marker: Any) -> None:
         """Close a walk: its remaining slices (from ``pos``) get ``marker`` (None: nothing from
@@ -518,8 +520,12 @@ def iter_propagate(
             contribute(walk.oid, z, walk.weight(z), marker)
         walk.active = False
 
+    completed: list[int] = []  # slices whose every expected contribution arrived
+
     def ready() -> list[int]:
-        return sorted(z for z, st in states.items() if st.pending() == 0)
+        out = sorted(completed)
+        completed.clear()
+        return out
 
     was_training = model.training
     if was_training:
@@ -593,9 +599,6 @@ def iter_propagate(
             for z in ready():
                 done += 1
                 yield finish(z)
-        for z in ready():  # pragma: no cover - every slice is ready once all walks ended
-            done += 1
-            yield finish(z)
     finally:
         if was_training:
             model.train()
