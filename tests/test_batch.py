@@ -79,6 +79,7 @@ class FakeSession:
         self.device = "cpu"
         self.stack_lengths: list[int] = []
         self.windows: list = []
+        self.box_calls: list = []
 
     def iter_automatic(self, stack, preset=None, stride=1, batch_size=None, window=None):
         stack = np.asarray(stack)
@@ -91,10 +92,13 @@ class FakeSession:
             labels=labels, timings={"fake_s": 0.0}, preprocessing={"volume_window": window}
         )
 
-    def iter_boxes(self, stack, boxes, preset=None, window=None):
-        stack = np.asarray(stack)
+    def iter_boxes(
+        self, stack, boxes, preset=None, window=None, propagate=False, slice_ranges=None
+    ):
+        stack = np.asarray(stack[:])
         self.stack_lengths.append(len(stack))
         self.windows.append(window)
+        self.box_calls.append((boxes, propagate, slice_ranges))
         labels = np.zeros(stack.shape[:3], dtype=np.uint8)
         for obj, frames in boxes.items():
             for z, (x0, y0, x1, y1) in frames.items():
@@ -680,3 +684,36 @@ def test_video_window_is_computed_once_per_video(tmp_path: Path, chunk: int) -> 
     np.testing.assert_allclose(session.windows[0], expected, rtol=0, atol=1e-9)
     side = json.loads(Path(result.sidecar).read_text())
     np.testing.assert_allclose(side["preprocessing"]["volume_window"], expected, atol=1e-9)
+
+
+# ------------------------------------------------------------------------------------ propagation
+def test_propagate_hands_keyframes_and_last_slice_limits_to_the_engine(tmp_path: Path) -> None:
+    """#16 in batch: keyframes (not interpolated) go to the propagation, and an object's
+    last_slice bounds its walk; objects without one are not bounded."""
+    item = tiff_input(tmp_path)
+    boxes = tmp_path / "stack.csv"
+    boxes.write_text(
+        "object,slice,x0,y0,x1,y1,last_slice\n1,2,4,4,10,10,\n1,4,6,4,12,10,5\n2,1,1,1,3,3,\n"
+    )
+    session = FakeSession()
+    config = config_for(tmp_path / "out", mode="boxes", boxes=boxes, propagate=True)
+    result = batch.run_job(item, config, fake_holder(session))
+    assert result.status == "done", result.error
+    ((sent, propagate, ranges),) = session.box_calls
+    assert propagate is True
+    assert sent == {1: {2: (4, 4, 10, 10), 4: (6, 4, 12, 10)}, 2: {1: (1, 1, 3, 3)}}
+    assert ranges == {1: (2, 5)}
+    side = json.loads(Path(result.sidecar).read_text())
+    assert side["settings"]["propagate"] is True
+    assert side["prompts"]["limits"] == {"1": [2, 5]}
+    # without --propagate the same file is interpolated (and the outputs are not "up to date")
+    plain = batch.run_job(
+        item, config_for(tmp_path / "out", mode="boxes", boxes=boxes), fake_holder(session)
+    )
+    assert plain.status == "done"
+    assert session.box_calls[-1][1] is False and sorted(session.box_calls[-1][0][1]) == [2, 3, 4, 5]
+
+
+def test_propagate_needs_boxes(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="--propagate"):
+        config_for(tmp_path, propagate=True)

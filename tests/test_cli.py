@@ -557,3 +557,54 @@ def test_precompute_fills_the_disk_cache_that_box_runs_use(
     )
     result = session.segment_boxes(stack, {1: {1: (2, 2, 9, 9)}})
     assert result.timings["windows_encoded"] == 0  # every embedding came from the disk cache
+
+
+def test_propagate_volume_and_video_equal_the_engine(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, tiny_checkpoint: Path, engine
+) -> None:
+    """#16 from the CLI: --propagate gives exactly what the engine's propagation gives on the
+    whole stack (a video included: read lazily as a whole, not in chunks)."""
+    import tifffile
+
+    from napari_masam.io.nifti import read_nifti
+    from napari_masam.io.video import VideoReader
+
+    volume = write_ras(tmp_path / "vol.nii.gz")  # display (4, 16, 20)
+    video = write_video(tmp_path / "clip.mp4")  # (6, 32, 40, 3)
+    boxes = tmp_path / "boxes"
+    boxes.mkdir()
+    (boxes / "vol.csv").write_text("object,slice,x0,y0,x1,y1,last_slice\n1,1,4,3,14,12,2\n")
+    (boxes / "clip.csv").write_text("object,slice,x0,y0,x1,y1\n3,2,8,8,28,23\n")
+    out = tmp_path / "o"
+    code, _stdout, stderr = run_cli(
+        capsys,
+        "segment",
+        volume,
+        video,
+        "-o",
+        out,
+        "--boxes",
+        boxes,
+        "--propagate",
+        "--checkpoint",
+        tiny_checkpoint,
+        "--device",
+        "cpu",
+        "--format",
+        "tiff",
+        "--chunk-frames",
+        "2",
+        "--json",
+    )
+    assert code == 0, stderr
+    stack = np.asarray(read_nifti(volume).data)
+    expected = engine.segment_boxes(
+        stack, {1: {1: (4, 3, 14, 12)}}, propagate=True, slice_ranges={1: (1, 2)}
+    )
+    np.testing.assert_array_equal(_display_labels(out / "vol_seg.nii.gz"), expected.labels)
+    frames = np.asarray(VideoReader(video)[:])
+    expected = engine.segment_boxes(frames, {3: {2: (8, 8, 28, 23)}}, propagate=True)
+    np.testing.assert_array_equal(tifffile.imread(out / "clip_seg.tif"), expected.labels)
+    side = json.loads((out / "clip_seg.json").read_text())
+    assert side["settings"]["propagate"] is True
+    assert side["prompts"]["use"] == "propagated from keyframes"

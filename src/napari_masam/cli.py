@@ -108,6 +108,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     seg.add_argument("--boxes", metavar="FILE_OR_FOLDER", help="box prompts (see below)")
     seg.add_argument(
+        "--propagate",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="boxes mode: treat the boxes as keyframes and let the model propagate each object "
+        "through the slices/frames (an object's last_slice bounds its walk); default: boxes "
+        "interpolated between keyframes",
+    )
+    seg.add_argument(
         "--preset",
         choices=_preset_names(),
         help="intensity preset; default: the model's",
@@ -353,6 +361,7 @@ def config_from_args(args: argparse.Namespace) -> batch.BatchConfig:
             output_format=args.output_format,
             overwrite=args.overwrite,
             chunk_frames=args.chunk_frames,
+            propagate=args.propagate,
         )
     except (ValueError, FileNotFoundError) as exc:
         raise UsageError(str(exc)) from exc

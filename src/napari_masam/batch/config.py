@@ -48,6 +48,11 @@ class BatchConfig:
         it wrote (a user's own file of the output's name).
     chunk_frames : int
         Frames per streamed video chunk (memory ~ ``chunk_frames + 2 (D - 1)`` frames).
+    propagate : bool
+        Boxes mode only: the boxes are keyframes that the engine's propagation walks from
+        (:func:`napari_masam.propagation.iter_propagate`) instead of boxes interpolated between
+        keyframes; an object's ``last_slice`` in the box file bounds its walk. Videos are then
+        read lazily as a whole (not in chunks).
     """
 
     model: ModelSpec
@@ -61,6 +66,7 @@ class BatchConfig:
     overwrite: bool = False
     chunk_frames: int = 64
     box_file: BoxFile | None = None
+    propagate: bool = False
 
     def __post_init__(self) -> None:
         from ..preprocess import INTENSITY_PRESETS
@@ -81,6 +87,11 @@ class BatchConfig:
             raise ValueError(f"batch size must be >= 1, got {self.batch_size}.")
         if self.chunk_frames < 1:
             raise ValueError(f"chunk_frames must be >= 1, got {self.chunk_frames}.")
+        if self.propagate and (self.mode == "auto" or self.boxes is None):
+            raise ValueError(
+                "--propagate walks from box keyframes: it needs --boxes FILE_OR_FOLDER and "
+                "box mode (not --mode auto)"
+            )
         if self.boxes is not None and not Path(self.boxes).exists():
             raise FileNotFoundError(f"--boxes {self.boxes}: no such file or folder.")
 
@@ -92,6 +103,7 @@ class BatchConfig:
             "stride": self.stride,
             "batch_size": self.batch_size,
             "output_format": self.output_format,
+            "propagate": self.propagate,
         }
 
 
@@ -112,6 +124,10 @@ class SegmentationRequest:
     window : (float, float) or None
         Volume-level intensity window computed once for the whole input (videos streamed in
         chunks), or None: the engine computes it from the stack it is given.
+    propagate : bool
+        ``boxes`` are keyframes to propagate from (boxes mode).
+    slice_ranges : dict or None
+        ``{object_id: (first, last)}`` inclusive limits of a propagation.
     """
 
     mode: str
@@ -120,6 +136,10 @@ class SegmentationRequest:
     batch_size: int | None = None
     boxes: BoxesDict | None = None
     window: tuple[float, float] | None = None
+    propagate: bool = False
+    slice_ranges: dict[int, tuple[int, int]] | None = None
 
     def __hash__(self) -> int:  # boxes is a dict: hash what identifies the run
-        return hash((self.mode, self.preset, self.stride, self.batch_size, self.window))
+        return hash(
+            (self.mode, self.preset, self.stride, self.batch_size, self.window, self.propagate)
+        )

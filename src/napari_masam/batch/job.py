@@ -200,13 +200,15 @@ def boxes_file_for(item: BatchInput, boxes: Path | None) -> Path | None:
     )
 
 
-def load_boxes(
+def prompt_boxes(
     path: Path,
     n_frames: int | None,
     shape_yx: tuple[int, int] | None = None,
     parsed: BoxFile | None = None,
-) -> tuple[BoxesDict, dict[str, object]]:
-    """Read a box file once, check it against the stack, interpolate keyframes.
+    *,
+    keyframes_only: bool = False,
+) -> tuple[BoxesDict, dict[int, tuple[int, int]], dict[str, object]]:
+    """Read a box file once, check it against the stack, and give the engine's prompts.
 
     Parameters
     ----------
@@ -218,11 +220,16 @@ def load_boxes(
         Slice size: a box wholly outside it is an error, a box partly outside is clipped.
     parsed : BoxFile or None
         ``path`` already parsed (the CLI parses a single box file once, at the edge).
+    keyframes_only : bool
+        Give the keyframes as drawn (for propagation) instead of boxes interpolated over each
+        object's range.
 
     Returns
     -------
     boxes : dict
-        ``{object_id: {slice: (x0, y0, x1, y1)}}`` on every slice of each object's range.
+        ``{object_id: {slice: (x0, y0, x1, y1)}}``.
+    limits : dict
+        ``{object_id: (first, last)}`` of the objects the file bounds with ``last_slice``.
     record : dict
         JSON-able prompts block for the provenance sidecar (the keyframes as given).
 
@@ -236,12 +243,13 @@ def load_boxes(
 
     box_file = parsed if parsed is not None and parsed.path == path else read_box_file(path)
     box_file.check_fits(n_frames, shape_yx)
-    boxes = box_file.boxes(interpolate=True)
+    boxes = box_file.boxes(interpolate=not keyframes_only)
     if shape_yx is not None:
         boxes = {
             oid: {z: b for z, b in ((z, clip_box(b, shape_yx)) for z, b in frames.items()) if b}
             for oid, frames in boxes.items()
         }
+    limits = box_file.limits()
     record: dict[str, object] = {
         "file": path.name,
         "format": box_file.kind,
@@ -252,7 +260,21 @@ def load_boxes(
             for obj, frames in sorted(box_file.keyframes.items())
         },
         "ranges": {str(obj): list(r) for obj, r in sorted(box_file.ranges.items())},
+        "limits": {str(obj): list(r) for obj, r in limits.items()},
+        "use": "propagated from keyframes" if keyframes_only else "interpolated between keyframes",
     }
+    return boxes, limits, record
+
+
+def load_boxes(
+    path: Path,
+    n_frames: int | None,
+    shape_yx: tuple[int, int] | None = None,
+    parsed: BoxFile | None = None,
+) -> tuple[BoxesDict, dict[str, object]]:
+    """Boxes interpolated over each object's range, and the sidecar's prompts block
+    (:func:`prompt_boxes` without propagation)."""
+    boxes, _, record = prompt_boxes(path, n_frames, shape_yx, parsed)
     return boxes, record
 
 
@@ -332,6 +354,15 @@ def segment_stack(
             preset=request.preset,
             stride=request.stride,
             batch_size=request.batch_size,
+            window=request.window,
+        )
+    elif request.propagate:
+        gen = session.iter_boxes(
+            stack,
+            request.boxes or {},
+            propagate=True,
+            slice_ranges=request.slice_ranges or None,
+            preset=request.preset,
             window=request.window,
         )
     else:
@@ -476,7 +507,11 @@ def run_job(
             boxes_path = boxes_file_for(item, config.boxes) if mode == "boxes" else None
             timings: dict[str, float] = {"model_load_s": round(holder.load_seconds, 4)}
             with atomic_path(output, directory=fmt == "png") as staged:
-                if item.kind == "video":
+                if item.kind == "video" and config.propagate:
+                    frames, facts, prompts_record = _run_video_whole(
+                        item, config, session, boxes_path, fmt, staged, progress, timings
+                    )
+                elif item.kind == "video":
                     frames, facts, prompts_record = _run_video(
                         item, config, session, mode, boxes_path, fmt, staged, progress, timings
                     )
@@ -582,13 +617,23 @@ def _run_in_memory(
     stack, reference, facts = read_stack(item)
     timings["read_s"] = round(time.perf_counter() - t0, 4)
     n = int(stack.shape[0])
-    boxes, prompts_record = None, None
+    boxes, limits, prompts_record = None, None, None
     if boxes_path is not None:
-        boxes, prompts_record = load_boxes(
-            boxes_path, n, (int(stack.shape[1]), int(stack.shape[2])), config.box_file
+        boxes, limits, prompts_record = prompt_boxes(
+            boxes_path,
+            n,
+            (int(stack.shape[1]), int(stack.shape[2])),
+            config.box_file,
+            keyframes_only=config.propagate,
         )
     request = SegmentationRequest(
-        mode, config.preset, config.stride, config.batch_size, boxes=boxes
+        mode,
+        config.preset,
+        config.stride,
+        config.batch_size,
+        boxes=boxes,
+        propagate=config.propagate,
+        slice_ranges=limits,
     )
 
     def on_progress(p: Progress) -> None:
@@ -747,6 +792,84 @@ def _run_video(
         "engine": engine,
     }
     return done, facts, prompts_record
+
+
+def _run_video_whole(
+    item: BatchInput,
+    config: BatchConfig,
+    session: SegmentationSession,
+    boxes_path: Path | None,
+    fmt: str,
+    staged: Path,
+    progress: ProgressCallback | None,
+    timings: dict[str, float],
+) -> tuple[int, dict[str, object], dict[str, object] | None]:
+    """A video propagated from keyframes: the walk needs the whole timeline, so the engine
+    reads the (lazy, cached) reader frame by frame instead of chunks; labels are held whole."""
+    from ..preprocess import resolve_preset
+
+    if boxes_path is None:  # BatchConfig refuses --propagate without --boxes
+        raise ValueError(f"{item.path.name}: --propagate needs --boxes")
+    model = session.model
+    reader = open_video(item.path, cache_frames=2 * max(int(model.slices_per_group), 1) + 8)
+    try:
+        n, fps = len(reader), float(reader.fps or 25.0)
+        height, width = (int(v) for v in reader.shape[1:3])
+        boxes, limits, prompts_record = prompt_boxes(
+            boxes_path, n, (height, width), config.box_file, keyframes_only=True
+        )
+        preset = resolve_preset(config.preset, default=model.metadata.intensity_preset)
+        window = video_window(reader, preset)
+        request = SegmentationRequest(
+            "boxes",
+            config.preset,
+            config.stride,
+            config.batch_size,
+            boxes=boxes,
+            window=window,
+            propagate=True,
+            slice_ranges=limits,
+        )
+
+        def on_progress(p: Progress) -> None:
+            if progress is not None:
+                progress(int(p.done), int(p.total or n))
+
+        t0 = time.perf_counter()
+        result = segment_stack(session, reader, request, on_progress)
+        labels = np.asarray(result.labels)
+        timings["segment_s"] = round(time.perf_counter() - t0, 4)
+        sink = frame_sink(
+            fmt,
+            staged,
+            fps=fps,
+            class_colors=model.metadata.class_colors,
+            n_labels=_n_labels(model, "boxes", boxes),
+            n_frames=n,
+        )
+        try:
+            block = max(config.chunk_frames, 1)
+            frames = iter_video_frames(reader, block) if sink.needs_frames else None
+            for first in range(0, n, block):
+                rows = labels[first : first + block]
+                images = None
+                if frames is not None:
+                    images = np.stack([next(frames) for _ in range(len(rows))])
+                sink.write(rows, images)
+            sink.commit()
+        except BaseException:
+            sink.abort()
+            raise
+    finally:
+        reader.close()
+    facts: dict[str, object] = {
+        "frames": n,
+        "frame_shape": [height, width, 3],
+        "fps": fps,
+        "volume_window": None if window is None else list(window),
+        "engine": result.preprocessing,
+    }
+    return n, facts, prompts_record
 
 
 # ----------------------------------------------------------------------------------------------

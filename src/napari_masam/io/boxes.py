@@ -83,12 +83,20 @@ class BoxFile:
         ``{object_id: {slice: (x0, y0, x1, y1)}}`` integer inclusive boxes as given.
     ranges : dict
         ``{object_id: (first_slice, last_slice)}`` inclusive (``last_slice`` extends it).
+    bounded : frozenset of int
+        Objects whose file gives a ``last_slice``: their range is a limit the user set (a
+        propagation must not leave it), not just the span of their keyframes.
     """
 
     path: Path
     kind: str
     keyframes: dict[int, dict[int, Box]]
     ranges: dict[int, tuple[int, int]]
+    bounded: frozenset[int] = frozenset()
+
+    def limits(self) -> dict[int, tuple[int, int]]:
+        """``{object_id: (first, last)}`` of the objects with a ``last_slice`` (see ``bounded``)."""
+        return {oid: self.ranges[oid] for oid in sorted(self.bounded)}
 
     def boxes(self, *, interpolate: bool = True) -> BoxesByObject:
         """Per-slice boxes: keyframes interpolated over each object's range (or as given)."""
@@ -217,6 +225,7 @@ def _read_table(path: Path) -> BoxFile:
     records = _table_records(path)
     keyframes: dict[int, dict[int, Box]] = {}
     ranges: dict[int, tuple[int, int]] = {}
+    bounded: set[int] = set()
     for i, rec in enumerate(records):
         where = f"{path.name} record {i + 1}"
         if not isinstance(rec, Mapping):
@@ -240,7 +249,9 @@ def _read_table(path: Path) -> BoxFile:
         )
         lo, hi = ranges.get(oid, (z, z))
         ranges[oid] = (min(lo, z), max(hi, last))
-    return BoxFile(path, "table", keyframes, ranges)
+        if raw_last is not None:
+            bounded.add(oid)
+    return BoxFile(path, "table", keyframes, ranges, frozenset(bounded))
 
 
 def _read_napari_shapes(path: Path) -> BoxFile:
