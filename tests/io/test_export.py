@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import numpy as np
@@ -117,6 +118,44 @@ def test_overlay_mp4(clips, tmp_path):
         inside = (slice(14, 36), slice(24, 56))
         assert got[inside][..., 0].mean() - frame[inside][..., 0].mean() > 40  # tinted red
         assert np.abs(got[50:, :, :] - frame[50:, :, :]).mean() < 8  # background untouched
+
+
+def test_png_masks_of_a_duplicate_timestamp_clip_land_on_decoded_frames(
+    clips, decode_reference, tmp_path
+):
+    """Labels drawn from each frame of a clip whose frames share timestamps (pts 0, 40, 80,
+    80, ...), written as PNG masks: ``frameNNN.png`` belongs to the NNN-th picture of a
+    sequential decode (a reader that dropped or merged the duplicates would shift them)."""
+    path = clips["duplicate_pts.mkv"]
+    ref = decode_reference(path)
+    video = VideoReader(path)
+    assert len(video) == len(ref) == 10
+
+    def label_of(frame):  # content-derived: differs for every frame of the pattern
+        return (frame[..., 1] // 64 + 1).astype(np.uint8) * (frame[..., 0] > 100)
+
+    labels = np.stack([label_of(video[t]) for t in range(len(video))])
+    paths = write_png_masks(labels, tmp_path / "masks")
+    assert [p.name for p in paths] == [f"frame{t:03d}.png" for t in range(10)]
+    import imageio.v3 as iio
+
+    for t, p in enumerate(paths):
+        np.testing.assert_array_equal(iio.imread(p), label_of(ref[t]), err_msg=p.name)
+    # the frames really differ, so a shift by one would have failed
+    assert all(not np.array_equal(label_of(a), label_of(b)) for a, b in itertools.pairwise(ref))
+
+
+def test_overlay_of_a_rotated_clip_is_upright(clips, tmp_path):
+    """Exports are on the upright grid: the overlay of a 90-degree clip is 64 x 48, no matrix."""
+    video = VideoReader(clips["rotate90.mp4"])
+    labels = np.zeros((len(video), video.height, video.width), np.uint8)
+    labels[:, -8:, :8] = 1  # the stored top-left corner, shown bottom-left
+    out = write_overlay_mp4(video, labels, tmp_path / "overlay.mp4", colors={1: (0, 0, 255)})
+    back = VideoReader(out)
+    assert back.shape == video.shape and back.rotation == 0
+    tint = back[3].astype(int) - video[3].astype(int)
+    assert tint[-6:, 2:6, 2].mean() > 60  # blue added where labelled (the red corner)
+    assert np.abs(tint[:40, 16:, :]).mean() < 8  # elsewhere the frame is unchanged
 
 
 def test_blend_labels_exact():

@@ -4,6 +4,12 @@ The PNG folder follows the EndoVis challenge layout: one lossless PNG per frame 
 ``frame000.png``, ``frame001.png``, ... (at least three digits) holding the label value of every
 pixel (8-bit when all labels are below 256, else 16-bit), plus ``labels.json`` with the class
 names when given. Nothing goes through JPEG or any lossy step.
+
+For videos, file ``frameNNN.png`` holds the labels of frame ``NNN`` as
+:class:`~napari_masam.io.video.VideoReader` numbers it: the ``NNN``-th picture of a sequential
+decode (what ffmpeg, OpenCV and CVAT count), on the upright grid (the video's display rotation
+applied; ``np.rot90(mask, -rotation // 90)`` gives the stored orientation back, with
+``rotation`` from the reader's metadata).
 """
 
 from __future__ import annotations
@@ -318,12 +324,9 @@ def iter_write_png_masks(
 
 def write_png_masks(labels: Any, folder: str | os.PathLike[str], **kwargs: Any) -> list[Path]:
     """Run :func:`iter_write_png_masks` to the end; return the written files."""
-    gen = iter_write_png_masks(labels, folder, **kwargs)
-    while True:
-        try:
-            next(gen)
-        except StopIteration as stop:
-            return stop.value
+    from ..inference import run
+
+    return run(iter_write_png_masks(labels, folder, **kwargs))
 
 
 def read_png_masks(folder: str | os.PathLike[str]) -> np.ndarray:
