@@ -26,6 +26,7 @@ import logging
 import os
 import warnings
 import zlib
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -264,28 +265,38 @@ def _read_gz_stored(path: Path, img: nib.Nifti1Image | nib.Nifti2Image) -> np.nd
     offset = int(getattr(img.dataobj, "offset", 0)) or max(
         int(img.header.get_data_offset()), _min_offset(img)
     )
-    buf = bytearray()
+    # chunks first (memory = what the stream really gave), then one array filled while the
+    # chunks are released: resident memory stays about one copy of the voxels
+    chunks: deque[bytes] = deque()
+    got = 0
     try:
         with gzip.open(path, "rb") as fh:
             skipped = len(fh.read(offset))
-            while skipped == offset and len(buf) < nbytes:
-                chunk = fh.read(min(_GZ_CHUNK, nbytes - len(buf)))
+            while skipped == offset and got < nbytes:
+                chunk = fh.read(min(_GZ_CHUNK, nbytes - got))
                 if not chunk:
                     break
-                buf += chunk
+                chunks.append(chunk)
+                got += len(chunk)
     except (EOFError, OSError, zlib.error) as exc:
         raise ValueError(
             f"{path} is truncated or corrupt: the compressed stream broke after "
-            f"{_bytes_text(len(buf))} of the {_voxels_text(shape, dtype, nbytes)} its header "
+            f"{_bytes_text(got)} of the {_voxels_text(shape, dtype, nbytes)} its header "
             f"declares ({type(exc).__name__}: {exc}). Re-export the file."
         ) from exc
-    if len(buf) < nbytes:
+    if got < nbytes:
         raise ValueError(
             f"{path} is short: its header declares {_voxels_text(shape, dtype, nbytes)}, the "
-            f"compressed stream holds only {_bytes_text(len(buf))}. The header is wrong or the "
+            f"compressed stream holds only {_bytes_text(got)}. The header is wrong or the "
             "file is truncated; re-export it."
         )
-    return np.frombuffer(buf, dtype=dtype).reshape(shape, order="F")
+    flat = np.empty(nbytes, dtype=np.uint8)
+    pos = 0
+    while chunks:
+        chunk = chunks.popleft()
+        flat[pos : pos + len(chunk)] = np.frombuffer(chunk, dtype=np.uint8)
+        pos += len(chunk)
+    return flat.view(dtype).reshape(shape, order="F")
 
 
 def read_nifti(
