@@ -1,11 +1,13 @@
 """The "Fine-tune" dock widget: train MA-SAM / MA-SAM-Lite from napari layers and use the result.
 
-Pick an Image layer and the Labels layer drawn on it (or a folder of NIfTI pairs), name the
-classes, choose epochs, press Train. Training runs :func:`napari_masam.training.iter_train` in a
-napari thread worker (the GUI stays responsive), a small plot shows the loss of every step and
-the validation Dice of every epoch, Cancel stops after the current step (the resume state is kept
-in the output folder), and the best model is handed to the segmentation widget (its model
-choice switches to the new checkpoint file).
+Pick an Image layer and the Labels layer drawn on it (or a folder of NIfTI pairs), press Train.
+Class names come from the labels layer's features table (or are typed); the run is sized for the
+device unless epochs are set (a CPU run takes minutes). Training runs
+:func:`napari_masam.training.iter_train` in a napari thread worker (the GUI stays responsive), a
+small plot shows the loss of every step and the validation Dice of every epoch, the status line
+shows the time left (measured from the steps taken), Cancel stops within the current step (the
+resume state is kept in the output folder), and the best model is handed to the segmentation
+widget (its model choice switches to the new checkpoint file).
 
 Importing this module does not import torch (napari's startup stays fast).
 """
@@ -16,6 +18,7 @@ import dataclasses
 import logging
 import time
 from collections.abc import Generator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -36,6 +39,8 @@ from qtpy.QtCore import QPointF
 from qtpy.QtGui import QColor, QPainter, QPen, QPolygonF
 from qtpy.QtWidgets import QSizePolicy, QWidget
 
+from .training.config import BACKBONES, defaults_for_device
+
 if TYPE_CHECKING:
     import napari
 
@@ -43,8 +48,10 @@ logger = logging.getLogger(__name__)
 
 #: Where trained models go by default (one sub-folder per run).
 DEFAULT_MODELS_DIR = Path.home() / ".napari-masam" / "models"
-#: Folder choice meaning "use the layers above".
-BACKBONE_CHOICES = ("masam-lite", "tiny", "vit_b", "vit_l", "vit_h")
+#: The backbone drop-down: what users can train (test configurations are not offered).
+BACKBONE_CHOICES = BACKBONES
+#: What "auto" means on a CPU (shown in the epochs tooltip).
+CPU_DEFAULTS = defaults_for_device("cpu")
 
 
 class LossPlot(QWidget):
@@ -97,44 +104,103 @@ class LossPlot(QWidget):
         painter.end()
 
 
-def _train_job(job: dict[str, Any]) -> Generator[Any, None, Any]:
-    """Worker body: build the model, then drive :func:`iter_train` (closing it on abort)."""
+@dataclass(frozen=True)
+class TrainJob:
+    """Everything a fine-tuning run needs, gathered on the GUI thread (no pixels read).
+
+    Attributes
+    ----------
+    backbone : str
+        One of :data:`napari_masam.training.BACKBONES`.
+    num_classes : int
+    cases : tuple of TrainingCase
+        Images may still be lazy (a video decodes in the worker).
+    config : TrainingConfig
+        With ``epochs``/``batch_size``/``max_steps_per_epoch`` from the controls or, for
+        controls left on *auto*, replaced in the worker by the device's defaults.
+    auto_size : bool
+        Apply :func:`napari_masam.training.defaults_for_device` once the device is known.
+    image_size : int or None
+        MA-SAM-Lite input side (None: auto by device, or LiteMedSAM's 256 on a GPU).
+    sam_checkpoint : Path or None
+        Meta's SAM base (ViT backbones).
+    start_checkpoint : Path or None
+        One of our ``.safetensors`` models to continue from (replaces the backbone).
+    output_dir : Path
+    device : str
+    resume : bool
+    """
+
+    backbone: str
+    num_classes: int
+    cases: tuple[Any, ...]
+    config: Any
+    auto_size: bool
+    image_size: int | None
+    sam_checkpoint: Path | None
+    start_checkpoint: Path | None
+    output_dir: Path
+    device: str = "auto"
+    resume: bool = False
+
+
+def _train_job(job: TrainJob, stop: Any) -> Generator[Any, None, Any]:
+    """Worker body: resolve the device, size the run for it, build the model, drive
+    :func:`iter_train` (which checks ``stop`` inside every step)."""
     from . import _worker
 
     # torch/torchvision must come in through the guard (triton's LLVM vs Mesa's, see _worker)
     _worker.import_core()
-    from .training import build_training_model, iter_train
+    from .devices import resolve_device
+    from .training import build_training_model, defaults_for_device, iter_train
 
+    device = resolve_device(job.device)
+    config, image_size = job.config, job.image_size
+    if job.auto_size:
+        sized = defaults_for_device(device.type)
+        config = dataclasses.replace(
+            config,
+            epochs=sized.epochs,
+            batch_size=sized.batch_size,
+            max_steps_per_epoch=sized.max_steps_per_epoch,
+        )
+        image_size = image_size or sized.image_size
     # read lazily held images (a video decodes here, not on the GUI thread)
-    cases = [dataclasses.replace(c, image=np.asarray(c.image)) for c in job["cases"]]
-
+    cases = [dataclasses.replace(c, image=np.asarray(c.image)) for c in job.cases]
     model = build_training_model(
-        job["backbone"],
-        job["num_classes"],
-        sam_checkpoint=job["sam_checkpoint"],
-        device=job["device"],
-        seed=job["config"].seed,
+        job.backbone,
+        job.num_classes,
+        sam_checkpoint=job.sam_checkpoint,
+        init_checkpoint=job.start_checkpoint,
+        device=device,
+        seed=config.seed,
+        image_size=image_size if job.backbone == "masam-lite" else None,
     )
-    gen = iter_train(
+    if stop.is_set():
+        return None
+    result = yield from iter_train(
         model,
         cases,
-        job["config"],
-        output_dir=job["output_dir"],
-        device=job["device"],
-        resume=job["resume"],
+        config,
+        output_dir=job.output_dir,
+        device=device,
+        resume=job.resume,
+        should_stop=stop.is_set,
     )
-    stop = job["stop"]
-    try:
-        while True:
-            try:
-                progress = next(gen)
-            except StopIteration as done:
-                return done.value
-            yield progress
-            if stop.is_set():
-                return None  # the finally below closes iter_train, which saves its state
-    finally:
-        gen.close()
+    return None if result.cancelled else result
+
+
+def format_duration(seconds: float | None) -> str:
+    """``"45 s"``, ``"12 min"``, ``"2 h 05 min"`` (``"?"`` for None)."""
+    if seconds is None or not np.isfinite(seconds):
+        return "?"
+    seconds = max(0.0, float(seconds))
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    hours, rest = divmod(round(seconds / 60), 60)
+    return f"{hours} h {rest:02d} min"
 
 
 class TrainWidget(Container):
@@ -159,6 +225,7 @@ class TrainWidget(Container):
         self._result: Any = None
         self._steps_total = 0
         self._stop: Any = None
+        self._names_from_layer = ""
 
         self._image = ComboBox(
             label="image",
@@ -170,7 +237,8 @@ class TrainWidget(Container):
             label="labels",
             choices=self._layer_choices("Labels"),
             nullable=True,
-            tooltip="Labels layer drawn on that image (same shape): 0 = background, i = class i.",
+            tooltip="Labels layer drawn on that image (same shape): 0 = background, i = class i. "
+            "Class names are read from its features table (a 'name' or 'class' column).",
         )
         self._folder = FileEdit(
             label="or folder",
@@ -182,14 +250,15 @@ class TrainWidget(Container):
         self._classes = LineEdit(
             label="class names",
             value="",
-            tooltip="Comma-separated names of label 1, 2, ...; empty: 'class 1', 'class 2', ...",
+            tooltip="Comma-separated names of label 1, 2, ...; empty: the labels layer's "
+            "features (name/class column), else 'class 1', 'class 2', ...",
         )
         self._backbone = ComboBox(
             label="backbone",
             choices=BACKBONE_CHOICES,
             value="masam-lite",
             tooltip="masam-lite: LiteMedSAM + 3D adapters (embedded weights, trainable on a CPU); "
-            "vit_b/l/h: MA-SAM on a SAM checkpoint (GPU recommended); tiny: for tests.",
+            "vit_b/l/h: MA-SAM on Meta's SAM checkpoint (GPU recommended).",
         )
         self._sam_checkpoint = FileEdit(
             label="SAM checkpoint",
@@ -198,9 +267,24 @@ class TrainWidget(Container):
             filter="Checkpoints (*.pth *.pt)",
             tooltip="Meta's SAM weights (sam_vit_b/l/h_*.pth), needed by the ViT backbones only.",
         )
-        self._epochs = SpinBox(
-            label="epochs", value=20, min=1, max=10000, tooltip="Passes over the data."
+        self._start = FileEdit(
+            label="continue from",
+            mode="r",
+            nullable=True,
+            filter="napari-masam models (*.safetensors)",
+            tooltip="Optional: one of your fine-tuned models (.safetensors) to train further "
+            "instead of the backbone (same class count).",
         )
+        self._epochs = SpinBox(
+            label="epochs",
+            value=0,
+            min=0,
+            max=10000,
+            tooltip="Passes over the data. 'auto': sized for the device (a few minutes on a CPU: "
+            f"{CPU_DEFAULTS.epochs} epochs x {CPU_DEFAULTS.max_steps_per_epoch} steps at "
+            f"{CPU_DEFAULTS.image_size} px; the full recipe on a GPU).",
+        )
+        self._epochs.native.setSpecialValueText("auto (by device)")
         self._augment = CheckBox(
             label="augment",
             value=True,
@@ -218,7 +302,9 @@ class TrainWidget(Container):
         )
         self._train_btn = PushButton(text="Train", tooltip="Start fine-tuning in the background.")
         self._cancel_btn = PushButton(
-            text="Cancel", enabled=False, tooltip="Stop after the current step (resumable)."
+            text="Cancel",
+            enabled=False,
+            tooltip="Stop within the current step (the step in flight is dropped; resumable).",
         )
         self._progress = ProgressBar(label="progress", value=0, min=0, max=1)
         self._status = Label(label="status", value="pick an image and its labels")
@@ -231,6 +317,7 @@ class TrainWidget(Container):
                 self._classes,
                 self._backbone,
                 self._sam_checkpoint,
+                self._start,
                 self._epochs,
                 self._augment,
                 self._output,
@@ -244,6 +331,7 @@ class TrainWidget(Container):
         self.native.layout().addWidget(self.plot)
         self._train_btn.clicked.connect(self.run)
         self._cancel_btn.clicked.connect(self.cancel)
+        self._labels.changed.connect(self._names_from_labels_layer)
         viewer.layers.events.inserted.connect(self._refresh_layers)
         viewer.layers.events.removed.connect(self._refresh_layers)
 
@@ -260,6 +348,16 @@ class TrainWidget(Container):
         self._image.reset_choices()
         self._labels.reset_choices()
 
+    def _names_from_labels_layer(self, layer: Any = None) -> None:
+        """Fill the class names from the chosen labels layer's features (unless typed)."""
+        names = layer_class_names(self._labels.value)
+        typed = self._classes.value.strip()
+        if typed and typed != self._names_from_layer:
+            return  # the user's own names win
+        text = ", ".join(names) if names else ""
+        self._names_from_layer = text
+        self._classes.value = text
+
     # -- public ---------------------------------------------------------------------------
     @property
     def worker(self) -> Any:
@@ -272,20 +370,28 @@ class TrainWidget(Container):
         return self._result
 
     def training_config(self) -> Any:
-        """The :class:`~napari_masam.training.TrainingConfig` the controls describe."""
+        """The :class:`~napari_masam.training.TrainingConfig` the controls describe.
+
+        Class names: the typed ones, else the labels layer's features (or properties).
+        With epochs on *auto* the run-size fields stay at the recipe's and the worker applies
+        the device's defaults.
+        """
         from .training import TrainingConfig
 
         names = tuple(n.strip() for n in self._classes.value.split(",") if n.strip())
-        return TrainingConfig(
-            class_names=names, epochs=int(self._epochs.value), augment=bool(self._augment.value)
-        )
+        if not names and self._labels.value is not None and not self._folder_path():
+            names = layer_class_names(self._labels.value) or ()
+        epochs = int(self._epochs.value)
+        changes: dict[str, Any] = {"epochs": epochs} if epochs > 0 else {}
+        return TrainingConfig(class_names=names, augment=bool(self._augment.value), **changes)
 
     def cases(self) -> list[Any]:
         """Training cases from the folder, or from the image + labels layers."""
         from .training import TrainingCase, load_folder_cases
 
-        if self._folder.value and str(self._folder.value) not in ("", "."):
-            return load_folder_cases(self._folder.value)
+        folder = self._folder_path()
+        if folder is not None:
+            return load_folder_cases(folder)
         image, labels = self._image.value, self._labels.value
         if image is None or labels is None:
             raise ValueError("Pick an image layer and the labels layer drawn on it (or a folder).")
@@ -298,12 +404,47 @@ class TrainWidget(Container):
         # the image stays lazy here: reading it (decoding a video) happens in the worker
         return [TrainingCase(info.stack, data, image.name)]
 
+    def job(self) -> TrainJob:
+        """The :class:`TrainJob` the controls describe (inputs checked; no pixels read).
+
+        Raises
+        ------
+        ValueError, FileNotFoundError
+            Missing layers or files, labels not fitting the image, too many classes.
+        """
+        from .training import check_cases
+
+        config = self.training_config()
+        cases = self.cases()
+        declared = len(config.class_names) or None
+        largest = check_cases(cases, declared)
+        backbone = self._backbone.value
+        sam = _path_or_none(self._sam_checkpoint.value)
+        start = _path_or_none(self._start.value)
+        if start is not None and not start.is_file():
+            raise FileNotFoundError(f"The model to continue from, {start}, does not exist.")
+        if backbone.startswith("vit") and sam is None and start is None:
+            raise ValueError(f"Backbone {backbone} needs Meta's SAM checkpoint (pick the file).")
+        return TrainJob(
+            backbone=backbone,
+            num_classes=declared or largest,
+            cases=tuple(cases),
+            config=config,
+            auto_size=int(self._epochs.value) == 0,
+            image_size=None,
+            sam_checkpoint=sam,
+            start_checkpoint=start,
+            output_dir=Path(self._output.value),
+            device="auto",
+            resume=bool(self._resume.value),
+        )
+
     def run(self) -> Any:
         """Check the inputs (errors shown at once), then start training in a worker."""
         if self._worker is not None:
             return self._worker
         try:
-            job = self._prepare_job()
+            job = self.job()
         except (ValueError, TypeError, FileNotFoundError) as exc:
             self._error(str(exc))
             return None
@@ -311,25 +452,25 @@ class TrainWidget(Container):
 
         from napari.qt.threading import create_worker
 
-        self._stop = job["stop"] = threading.Event()
+        self._stop = threading.Event()
         self.plot.clear()
         self._progress.value = 0
         self._steps_total = 0
-        worker = create_worker(_train_job, job, _start_thread=False)
+        worker = create_worker(_train_job, job, self._stop, _start_thread=False)
         worker.yielded.connect(self._on_progress)
         worker.returned.connect(self._on_returned)
         worker.errored.connect(self._on_errored)
         worker.finished.connect(self._on_finished)
         self._worker = worker
         self._train_btn.enabled, self._cancel_btn.enabled = False, True
-        self._set_status("preparing the model ...")
+        self._set_status("preparing the model; the time left shows after the first step ...")
         worker.start()
         return worker
 
     def cancel(self) -> None:
-        """Stop after the current step; the run can be resumed from the output folder."""
+        """Stop within the current step; the run can be resumed from the output folder."""
         if self._worker is not None and self._stop is not None:
-            self._set_status("cancelling after this step ...")
+            self._set_status("cancelling ...")
             self._stop.set()
 
     def offer_to_segmentation_widget(self, path: Path) -> bool:
@@ -345,30 +486,11 @@ class TrainWidget(Container):
         return False
 
     # -- internals ------------------------------------------------------------------------
-    def _prepare_job(self) -> dict[str, Any]:
-        from .training import check_cases
-
-        config = self.training_config()
-        cases = self.cases()
-        declared = len(config.class_names) or None
-        largest = check_cases(cases, declared)
-        backbone = self._backbone.value
-        sam = self._sam_checkpoint.value
-        sam = Path(sam) if sam and str(sam) not in ("", ".") else None
-        if backbone.startswith("vit") and sam is None:
-            raise ValueError(f"Backbone {backbone} needs Meta's SAM checkpoint (pick the file).")
-        return {
-            "backbone": backbone,
-            "num_classes": declared or largest,
-            "sam_checkpoint": sam,
-            "cases": cases,
-            "config": config,
-            "output_dir": Path(self._output.value),
-            "device": "auto",
-            "resume": bool(self._resume.value),
-        }
+    def _folder_path(self) -> Path | None:
+        return _path_or_none(self._folder.value)
 
     def _on_progress(self, progress: Any) -> None:
+        eta = f", about {format_duration(progress.eta_s)} left" if progress.eta_s else ""
         if progress.stage == "train":
             self.plot.add_loss(progress.loss)
             if progress.total_steps != self._steps_total:
@@ -377,13 +499,13 @@ class TrainWidget(Container):
             self._progress.value = progress.step
             self._set_status(
                 f"epoch {progress.epoch}/{progress.epochs}, step {progress.step}/"
-                f"{progress.total_steps}, loss {progress.loss:.4f}",
-                log=False,
+                f"{progress.total_steps}, loss {progress.loss:.4f}{eta}",
+                log=progress.step == 1,
             )
         else:
             self.plot.add_dice(progress.step, progress.val_mean_dice or 0.0)
             dice = ", ".join(f"{k} {v:.2f}" for k, v in (progress.val_dice or {}).items())
-            self._set_status(f"epoch {progress.epoch}: validation Dice {dice}")
+            self._set_status(f"epoch {progress.epoch}: validation Dice {dice}{eta}")
 
     def _on_returned(self, result: Any) -> None:
         if result is None:
@@ -418,3 +540,24 @@ class TrainWidget(Container):
             show_error(message)
         except Exception:  # pragma: no cover - notifications unavailable headless
             logger.error(message)
+
+
+def layer_class_names(layer: Any) -> tuple[str, ...] | None:
+    """Class names of a Labels layer from its ``features`` table (or ``properties``).
+
+    See :func:`napari_masam.training.class_names_from_table` for the columns looked at.
+    """
+    if layer is None:
+        return None
+    from .training import class_names_from_table
+
+    for table in (getattr(layer, "features", None), getattr(layer, "properties", None)):
+        if table is not None and len(table) and (names := class_names_from_table(table)):
+            return names
+    return None
+
+
+def _path_or_none(value: Any) -> Path | None:
+    if value is None or str(value) in ("", "."):
+        return None
+    return Path(value)

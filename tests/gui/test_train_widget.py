@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
@@ -31,6 +32,20 @@ def test_module_import_does_not_import_torch() -> None:
     assert out.stdout.strip() == "False"
 
 
+@pytest.fixture(scope="module")
+def tiny_start(tmp_path_factory) -> Path:
+    """A random tiny MA-SAM (2 classes) saved in our format: the test model enters the widget
+    through 'continue from', since test configurations are offered in no menu."""
+    import torch
+
+    from napari_masam.checkpoints import save_checkpoint
+    from napari_masam.training import build_training_model
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("start") / "tiny_start.safetensors"
+    return save_checkpoint(build_training_model("tiny", 2, seed=0), path)
+
+
 @pytest.fixture
 def two_widgets(make_napari_viewer):
     from napari_masam._train_widget import TrainWidget
@@ -44,7 +59,9 @@ def two_widgets(make_napari_viewer):
     return viewer, segment, trainer
 
 
-def test_trains_from_layers_plots_and_offers_the_model(qtbot, two_widgets, tmp_path) -> None:
+def test_trains_from_layers_plots_and_offers_the_model(
+    qtbot, two_widgets, tiny_start, tmp_path
+) -> None:
     from napari_masam._widget import CHECKPOINT_CHOICE
     from napari_masam.checkpoints import load_checkpoint
 
@@ -54,7 +71,7 @@ def test_trains_from_layers_plots_and_offers_the_model(qtbot, two_widgets, tmp_p
     labels_layer = viewer.add_labels(labels, name="ct labels")
     trainer._image.value = image_layer
     trainer._labels.value = labels_layer
-    trainer._backbone.value = "tiny"
+    trainer._start.value = tiny_start
     trainer._classes.value = "disk, box"
     trainer._epochs.value = 1
     trainer._output.value = tmp_path / "run"
@@ -144,3 +161,79 @@ def test_lazy_images_are_read_in_the_worker_not_on_the_gui_thread(two_widgets) -
     (case,) = trainer.cases()
     assert not isinstance(case.image, np.ndarray)  # nothing decoded on the GUI thread
     np.testing.assert_array_equal(np.asarray(case.image), image)
+
+
+def _wait_idle(qtbot, trainer) -> None:
+    qtbot.waitUntil(lambda: trainer._worker is None, timeout=RUN_TIMEOUT_MS)
+
+
+def test_backbone_menu_offers_no_test_configurations(two_widgets) -> None:
+    from napari_masam.training import BACKBONES, TEST_BACKBONES
+
+    _viewer, _segment, trainer = two_widgets
+    assert tuple(trainer._backbone.choices) == BACKBONES
+    assert not set(trainer._backbone.choices) & set(TEST_BACKBONES)
+
+
+@pytest.mark.parametrize("table", ["features", "properties"])
+def test_class_names_come_from_the_labels_layer(two_widgets, table) -> None:
+    viewer, _segment, trainer = two_widgets
+    image, labels = _phantom(depth=6)
+    trainer._image.value = viewer.add_image(image, name="ct")
+    # rows in another order than the values, and the background row named too
+    columns = {"index": [2, 0, 1], "name": ["box", "background", "disk"]}
+    layer = viewer.add_labels(labels, name="named", **{table: columns})
+    trainer._labels.value = layer
+    assert trainer._classes.value == "disk, box"
+    assert trainer.training_config().class_names == ("disk", "box")
+    assert trainer.job().num_classes == 2
+    # names the user typed win over the layer's
+    trainer._classes.value = "liver, spleen"
+    trainer._labels.value = None
+    trainer._labels.value = layer
+    assert trainer.training_config().class_names == ("liver", "spleen")
+
+
+def test_auto_run_size_follows_the_device_and_shows_the_time_left(
+    qtbot, two_widgets, tiny_start, tmp_path
+) -> None:
+    from napari_masam.training import defaults_for_device
+
+    viewer, _segment, trainer = two_widgets
+    image, labels = _phantom()
+    trainer._image.value = viewer.add_image(image, name="ct")
+    trainer._labels.value = viewer.add_labels(labels, name="ct labels")
+    trainer._start.value = tiny_start
+    trainer._output.value = tmp_path / "run"
+    assert trainer._epochs.value == 0  # 'auto (by device)'
+    job = trainer.job()
+    assert job.auto_size and dataclasses.is_dataclass(job)
+    statuses: list[str] = []
+    worker = trainer.run()
+    # read the status line each time the widget has handled a progress report
+    worker.yielded.connect(lambda _progress: statuses.append(trainer._status.value))
+    _wait_idle(qtbot, trainer)
+    result = trainer.result
+    cpu = defaults_for_device("cpu")  # the tests run on the CPU
+    # 20 slices -> one training slab of 10 groups; batch 1 capped at 8 steps per epoch
+    assert len(result.history) == cpu.epochs
+    assert len(result.step_losses) == cpu.epochs * min(10, cpu.max_steps_per_epoch)
+    step_lines = [s for s in statuses if s.startswith("epoch") and "step" in s]
+    assert step_lines and all(" left" in s for s in step_lines)
+
+
+def test_cancel_right_after_train_runs_no_step(qtbot, two_widgets, tiny_start, tmp_path) -> None:
+    viewer, _segment, trainer = two_widgets
+    image, labels = _phantom()
+    trainer._image.value = viewer.add_image(image, name="ct")
+    trainer._labels.value = viewer.add_labels(labels, name="ct labels")
+    trainer._start.value = tiny_start
+    trainer._epochs.value = 50
+    trainer._output.value = tmp_path / "run"
+    assert trainer.run() is not None
+    trainer._cancel_btn.clicked.emit()  # Cancel pressed while the model is still being built
+    _wait_idle(qtbot, trainer)
+    assert trainer.plot.losses == []  # the run stopped before finishing any step
+    assert "cancelled" in trainer._status.value
+    assert trainer.result is None
+    assert trainer._train_btn.enabled and not trainer._cancel_btn.enabled

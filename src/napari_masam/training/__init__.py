@@ -16,10 +16,18 @@ import importlib
 from typing import Any
 
 from .cli import add_train_parser, run_train
-from .config import BACKBONES, TEST_BACKBONES, TrainingConfig
+from .config import (
+    BACKBONES,
+    DEVICE_DEFAULTS,
+    TEST_BACKBONES,
+    DeviceDefaults,
+    TrainingConfig,
+    defaults_for_device,
+)
 from .data import (
     TrainingCase,
     check_cases,
+    class_names_from_table,
     dice_per_class,
     find_nifti_pairs,
     group_slice_indices,
@@ -56,11 +64,15 @@ _LAZY = (
 
 __all__ = [
     "BACKBONES",
+    "DEVICE_DEFAULTS",
     "TEST_BACKBONES",
+    "DeviceDefaults",
+    "defaults_for_device",
     "TrainingCase",
     "TrainingConfig",
     "add_train_parser",
     "check_cases",
+    "class_names_from_table",
     "dice_per_class",
     "find_nifti_pairs",
     "group_slice_indices",

@@ -14,6 +14,42 @@ TEST_BACKBONES = ("tiny", "tiny_train")
 
 
 @dataclass(frozen=True)
+class DeviceDefaults:
+    """Run-size defaults that make fine-tuning MA-SAM-Lite practical on one kind of device.
+
+    Attributes
+    ----------
+    image_size : int or None
+        MA-SAM-Lite input side S (None: LiteMedSAM's 256).
+    epochs : int
+    batch_size : int
+    max_steps_per_epoch : int or None
+    """
+
+    image_size: int | None
+    epochs: int
+    batch_size: int
+    max_steps_per_epoch: int | None
+
+
+#: Defaults per device type. CPU numbers are measured (benchmarks/bench_training.py
+#: ``--cpu-step``): one MA-SAM-Lite step (forward + backward, D = 5 slices per group) costs
+#: about S^2 -- 128 px is ~4x cheaper than 256 px while TinyViT keeps its pretrained weights --
+#: so 5 epochs x 8 steps of one group is a run of minutes, not hours. GPUs keep the recipe's
+#: 256 px and full epochs.
+DEVICE_DEFAULTS: dict[str, DeviceDefaults] = {
+    "cpu": DeviceDefaults(image_size=128, epochs=5, batch_size=1, max_steps_per_epoch=8),
+    "mps": DeviceDefaults(image_size=None, epochs=10, batch_size=2, max_steps_per_epoch=20),
+    "cuda": DeviceDefaults(image_size=None, epochs=20, batch_size=2, max_steps_per_epoch=None),
+}
+
+
+def defaults_for_device(device_type: str) -> DeviceDefaults:
+    """:data:`DEVICE_DEFAULTS` of ``"cpu"``, ``"cuda"`` or ``"mps"`` (others: the CPU's)."""
+    return DEVICE_DEFAULTS.get(device_type, DEVICE_DEFAULTS["cpu"])
+
+
+@dataclass(frozen=True)
 class TrainingConfig:
     """The MA-SAM fine-tuning recipe (spec ``MASAM.md`` section 8) with every number exposed.
 

@@ -12,12 +12,16 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from ..io.formats import kind_of, stem_of, suffixes_for
+
 logger = logging.getLogger(__name__)
 
-_NIFTI_SUFFIXES = (".nii.gz", ".nii")
+#: NIfTI endings from THE format table (:mod:`napari_masam.io.formats`).
+_NIFTI_SUFFIXES = suffixes_for("nifti")
 _LABEL_MARKERS = ("_labels", "_label", "_seg", "_mask", "-labels", "-label", "-seg")
 
 
@@ -53,11 +57,7 @@ class TrainingCase:
 
 
 def _strip_nifti(path: Path) -> str:
-    name = path.name
-    for suffix in _NIFTI_SUFFIXES:
-        if name.endswith(suffix):
-            return name[: -len(suffix)]
-    return path.stem
+    return stem_of(path)
 
 
 def load_nifti_case(
@@ -128,7 +128,7 @@ def find_nifti_pairs(folder: str | Path) -> list[tuple[Path, Path]]:
     images_dir, labels_dir = folder / "imagesTr", folder / "labelsTr"
     if images_dir.is_dir() and labels_dir.is_dir():
         for image in sorted(images_dir.iterdir()):
-            if not image.name.endswith(_NIFTI_SUFFIXES) or image.name.startswith("."):
+            if kind_of(image) != "nifti" or image.name.startswith("."):
                 continue
             stem = _strip_nifti(image)
             stem = stem[:-5] if stem.endswith("_0000") else stem
@@ -138,7 +138,7 @@ def find_nifti_pairs(folder: str | Path) -> list[tuple[Path, Path]]:
                     break
     else:
         for image in sorted(folder.iterdir()):
-            if not image.name.endswith(_NIFTI_SUFFIXES):
+            if kind_of(image) != "nifti":
                 continue
             if any(_strip_nifti(image).endswith(m) for m in _LABEL_MARKERS):
                 continue
@@ -177,14 +177,14 @@ def load_video_case(
         if not path.exists():
             raise FileNotFoundError(f"Training file {path} does not exist.")
     frames = np.asarray(read_video(video_path))
-    name_lower = label_path.name.lower()
-    if name_lower.endswith((".tif", ".tiff")):
+    kind = kind_of(label_path)
+    if kind == "tiff":
         import tifffile
 
         labels = tifffile.imread(label_path)
-    elif name_lower.endswith(".npy"):
+    elif label_path.name.lower().endswith(".npy"):  # a numpy array: no input kind of its own
         labels = np.load(label_path, allow_pickle=False)
-    elif name_lower.endswith(_NIFTI_SUFFIXES):
+    elif kind == "nifti":
         from ..io.nifti import read_nifti
 
         labels = np.asarray(read_nifti(label_path, as_labels=True).data)
@@ -396,3 +396,51 @@ def dice_per_class(pred: np.ndarray, truth: np.ndarray, num_classes: int) -> np.
         if denom:
             out[c - 1] = 2.0 * int(np.logical_and(p, t).sum()) / denom
     return out
+
+
+#: Columns of a labels table that may hold class names, in order of preference.
+NAME_COLUMNS = ("name", "class_name", "class", "label_name", "names", "classes")
+#: Columns that may give each row's label value (else row ``i`` is label ``i``).
+VALUE_COLUMNS = ("index", "label", "value", "label_value")
+
+
+def class_names_from_table(table: Any, num_classes: int | None = None) -> tuple[str, ...] | None:
+    """Class names of labels 1..C from a per-label table (napari ``Labels.features``/``properties``).
+
+    Parameters
+    ----------
+    table : mapping of column -> sequence, or a pandas DataFrame
+        One row per label. The names come from the first of :data:`NAME_COLUMNS` present
+        (case-insensitive); the label value of each row from the first of
+        :data:`VALUE_COLUMNS` holding integers, else the row number (napari: "the first row
+        corresponds to the background label").
+    num_classes : int or None
+        C; None: the largest labelled value with a name.
+
+    Returns
+    -------
+    tuple of str or None
+        ``names[i - 1]`` for label ``i``; a label without a (non-empty) name gets
+        ``"class i"``. None when the table has no name column or names no foreground label.
+    """
+    if table is None:
+        return None
+    columns = {str(k).lower(): k for k in (table.keys() if hasattr(table, "keys") else [])}
+    name_key = next((columns[c] for c in NAME_COLUMNS if c in columns), None)
+    if name_key is None:
+        return None
+    names = [None if v is None else str(v).strip() for v in list(table[name_key])]
+    values = list(range(len(names)))
+    for column in VALUE_COLUMNS:
+        if column in columns and columns[column] != name_key:
+            raw = np.asarray(list(table[columns[column]]))
+            if raw.size == len(names) and np.issubdtype(raw.dtype, np.integer):
+                values = [int(v) for v in raw]
+                break
+    by_value = {
+        v: n for v, n in zip(values, names) if v > 0 and n and n.lower() not in ("nan", "none")
+    }
+    if not by_value:
+        return None
+    count = num_classes if num_classes is not None else max(by_value)
+    return tuple(by_value.get(i, f"class {i}") for i in range(1, count + 1))
