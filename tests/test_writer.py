@@ -113,3 +113,25 @@ def test_2d_nifti_one_slice_result_written_back(tmp_path):
 def test_writer_refuses_unknown_ending_with_reason(tmp_path):
     with pytest.raises(ValueError, match=r"use \.nii\.gz, \.nii or \.tif"):
         write_labels(str(tmp_path / "x.png"), np.zeros((2, 3), np.uint8), {"name": "x"})
+
+
+def test_labels_of_a_tiff_stack_without_ending_go_to_tiff(tmp_path):
+    from napari_masam._reader import read_tiff_layers
+
+    tifffile.imwrite(
+        tmp_path / "cells.tif",
+        np.zeros((3, 8, 9), np.uint16),
+        imagej=True,
+        resolution=(2.0, 2.0),
+        metadata={"spacing": 1.5, "unit": "micron", "axes": "ZYX"},
+    )
+    ((_, kwargs, _),) = read_tiff_layers(str(tmp_path / "cells.tif"))
+    labels = np.zeros((3, 8, 9), np.uint8)
+    labels[1, 2:5, 3:6] = 1
+    (out,) = write_labels(str(tmp_path / "cells_labels"), labels, {**kwargs, "name": "l"})
+    assert out.endswith("cells_labels.tif")
+    from napari_masam.io.tiff import read_tiff_stack
+
+    back = read_tiff_stack(out)
+    np.testing.assert_array_equal(back.data, labels)
+    np.testing.assert_allclose(back.spacing, (0.0015, 0.0005, 0.0005), rtol=1e-6)

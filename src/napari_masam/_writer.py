@@ -68,6 +68,11 @@ def _write(path: str, data: Any, meta: dict[str, Any], *, is_labels: bool) -> li
             is_labels=True,
         )
         return [str(out)]
+    frames_image = metadata.get("tiff") is not None or metadata.get("video") is not None
+    no_ending = kind is None and not Path(path).suffix
+    if no_ending and is_labels and frames_image and metadata.get("nifti") is None:
+        # no ending typed: labels of a TIFF stack or a video go to TIFF like their image
+        return [str(save_labels_like(path, data, metadata))]
     if kind not in (None, "nifti") or (kind is None and Path(path).suffix):
         raise _refuse(f"napari-masam cannot write {Path(path).name!r}; use .nii.gz, .nii or .tif")
     reference = metadata.get("nifti")

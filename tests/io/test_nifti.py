@@ -572,3 +572,14 @@ def test_4d_advice_only_for_series(nib_data):
     vol = read_nifti(nib_data / "example4d.nii.gz", as_labels=False)
     with pytest.raises(ValueError, match=r"4-D series.*Split the series"):
         vol.stack_zyx()
+
+
+def test_micron_header_shown_in_mm(tmp_path):
+    img = nib.Nifti1Image(np.zeros((4, 5, 6), np.int16), np.diag([500.0, 250.0, 1000.0, 1.0]))
+    img.header.set_xyzt_units("micron")
+    nib.save(img, tmp_path / "um.nii.gz")
+    vol = read_nifti(tmp_path / "um.nii.gz")
+    # display (z, y, x) = file (k, j, i) for this RAS file, in mm
+    np.testing.assert_allclose(vol.spacing_zyx, (1.0, 0.25, 0.5))
+    out = write_nifti(tmp_path / "back.nii.gz", np.asarray(vol.data), vol.metadata, is_labels=False)
+    np.testing.assert_array_equal(nib.load(out).affine, nib.load(tmp_path / "um.nii.gz").affine)

@@ -70,6 +70,9 @@ MAX_DEFLATE_RATIO = 1032
 #: Bytes decompressed per read while streaming a ``.nii.gz`` (memory grows with real data only).
 _GZ_CHUNK = 16 * 2**20
 
+#: NIfTI spatial units (nibabel's names) -> mm; "unknown" is taken as mm, as most tools do.
+SPACE_UNIT_TO_MM = {"meter": 1000.0, "mm": 1.0, "micron": 1e-3, "unknown": 1.0}
+
 #: NIfTI datatype codes of colour voxels: RGB24, RGBA32.
 _COLOUR_CODES = {128: "RGB24", 2304: "RGBA32"}
 
@@ -90,7 +93,8 @@ class NiftiVolume:
         the header has ``scl_slope``/``scl_inter`` scaling; a labels volume is integer. A view
         of nibabel's memory map for uncompressed files (read lazily).
     spacing_zyx : tuple of float
-        Voxel spacing (mm) along the spatial display axes, ``(Z, Y, X)`` (two values for 2D).
+        Voxel spacing (mm) along the spatial display axes, ``(Z, Y, X)`` (two values for 2D);
+        headers in microns or meters are converted to mm (the affine keeps the file's unit).
     translate_zyx : tuple of float
         World position (mm) of voxel 0 in the display world frame ``(z_RAS, -y_RAS, -x_RAS)``.
     affine : (4, 4) float64 ndarray
@@ -402,6 +406,8 @@ def volume_from_image(
     world = np.eye(4)
     world[:3, :3] = RAS_TO_DISPLAY @ disp_to_ras[:3, :3]
     world[:3, 3] = RAS_TO_DISPLAY @ disp_to_ras[:3, 3]
+    # the display world is in mm whatever the file's spatial unit (micron/meter headers)
+    world[:3, :] *= SPACE_UNIT_TO_MM.get(header.get_xyzt_units()[0], 1.0)
     spacing = np.linalg.norm(world[:3, :3], axis=0)
     spacing = np.where(spacing > 0, spacing, 1.0)
     off_axis = np.abs(world[:3, :3] - np.diag(np.diag(world[:3, :3]))) / spacing[None, :]
