@@ -491,8 +491,8 @@ def test_users_png_folder_is_never_deleted(tmp_path: Path) -> None:
     out = tmp_path / "out"
     folder = out / "stack_seg"
     folder.mkdir(parents=True)
-    Image.fromarray(np.full((4, 4), 3, np.uint8)).save(folder / "frame000.png")
-    (folder / "notes.txt").write_text("hand-made")
+    for t in range(3):  # hand-made masks, named as ours would be
+        Image.fromarray(np.full((20, 24), t + 1, np.uint8)).save(folder / f"frame{t:03d}.png")
     before = _tree(folder)
     result = batch.run_job(item, config_for(out, output_format="png"), fake_holder())
     assert result.status == "failed" and "stack_seg" in result.error

@@ -8,8 +8,12 @@ A package of small parts:
   :class:`napari_masam.checkpoints.ModelSource` + device);
 - :mod:`~napari_masam.batch.config`: :class:`BatchConfig` (the run) and
   :class:`SegmentationRequest` (one engine call);
+- :mod:`~napari_masam.batch.engine`: the model loaded once (:class:`SessionHolder`), the mode
+  resolved, one engine call per :class:`SegmentationRequest`;
+- :mod:`~napari_masam.batch.prompts`: an input's box file, read once and checked;
 - :mod:`~napari_masam.batch.job`: one job end to end (:func:`run_job`), the sequential batch;
-- :mod:`~napari_masam.batch.stream`: videos in overlapping chunks, one intensity window per video;
+- :mod:`~napari_masam.batch.videos` and :mod:`~napari_masam.batch.stream`: videos in overlapping
+  chunks (or whole, for propagation), one intensity window per video;
 - :mod:`~napari_masam.batch.outputs`: output names and label writers;
 - :mod:`~napari_masam.batch.sidecar`: provenance, ownership (never clobber), locks, partials.
 
@@ -40,6 +44,15 @@ from .config import (
     BoxesDict,
     SegmentationRequest,
 )
+from .engine import (
+    ProgressCallback,
+    SessionHolder,
+    drain,
+    observe,
+    resolve_mode,
+    segment_stack,
+    session_model,
+)
 from .inputs import (
     NIFTI_SUFFIXES,
     TIFF_SUFFIXES,
@@ -51,22 +64,7 @@ from .inputs import (
     input_stem,
     summarize,
 )
-from .job import (
-    ProgressCallback,
-    SessionHolder,
-    boxes_file_for,
-    drain,
-    load_boxes,
-    match_record,
-    observe,
-    prompt_boxes,
-    read_stack,
-    resolve_mode,
-    run_batch,
-    run_job,
-    segment_stack,
-    session_model,
-)
+from .job import match_record, read_stack, run_batch, run_job
 from .outputs import (
     FrameSink,
     OverlayMp4Sink,
@@ -75,11 +73,13 @@ from .outputs import (
     frame_sink,
     label_palette,
     lock_path,
+    n_labels_for,
     output_format_for,
     output_names,
     planned_outputs,
     to_rgb_uint8,
 )
+from .prompts import boxes_file_for, boxes_in_window, load_boxes, prompt_boxes
 from .sidecar import (
     PROVENANCE_VERSION,
     OutputLockedError,
@@ -126,6 +126,7 @@ __all__ = [
     "TiffSink",
     "atomic_path",
     "boxes_file_for",
+    "boxes_in_window",
     "clean_stale_partials",
     "discover_inputs",
     "drain",
@@ -140,6 +141,7 @@ __all__ = [
     "load_boxes",
     "lock_path",
     "match_record",
+    "n_labels_for",
     "observe",
     "open_video",
     "output_digest",

@@ -14,12 +14,13 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .config import FRAME_FORMATS, BatchConfig
+from .config import FRAME_FORMATS, BatchConfig, BoxesDict
 from .inputs import BatchInput
 
 if TYPE_CHECKING:
     from ..io.export import LabelsTiffWriter, PngMaskWriter
     from ..io.video import VideoWriter
+    from ..model.base import SegmentationModel
 
 
 def output_format_for(item: BatchInput, config: BatchConfig) -> str:
@@ -223,3 +224,10 @@ def frame_sink(
     if fmt == "tiff":
         return TiffSink(staged, n_labels, axes)
     return OverlayMp4Sink(staged, fps, label_palette(tuple(class_colors), n_labels))
+
+
+def n_labels_for(model: SegmentationModel, mode: str, boxes: BoxesDict | None) -> int:
+    """Largest label an output may hold: the highest object id (boxes) or the class count."""
+    if mode == "boxes" and boxes:
+        return max(boxes)
+    return max(int(model.num_classes), 1)
