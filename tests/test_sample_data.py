@@ -95,3 +95,13 @@ def test_open_samples_in_viewer(make_napari_viewer, npe2pm):
         "Labels",
         "Image",
     ]
+
+
+def test_samples_say_whether_sizes_are_physical():
+    """The widget shows mL only for layers whose metadata["physical_unit"] is "mm"."""
+    ((_, vkw, _),) = make_sample_volume()
+    (_, ikw, _), (_, lkw, _) = make_sample_phantom()
+    ((_, clip_kw, _),) = make_sample_video()
+    assert vkw["metadata"]["physical_unit"] == "mm" and vkw["units"] == ("mm", "mm", "mm")
+    assert ikw["metadata"]["physical_unit"] == lkw["metadata"]["physical_unit"] == "mm"
+    assert clip_kw["metadata"]["physical_unit"] is None
