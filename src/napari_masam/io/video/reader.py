@@ -143,7 +143,8 @@ class VideoReader:
         Frame numbers found missing so far (grows as damaged GOPs are decoded; ``len`` does not
         change).
     stats : dict
-        Counters ``seeks``, ``frames_decoded``, ``frames_converted``, ``cache_hits``.
+        Counters ``seeks``, ``packets_read``, ``frames_decoded``, ``frames_converted``,
+        ``cache_hits`` (for tests and benchmarks).
     """
 
     def __init__(
@@ -167,7 +168,13 @@ class VideoReader:
         self._lock = threading.RLock()
         self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
         self._cache_bytes = int(cache_bytes)
-        self.stats = {"seeks": 0, "frames_decoded": 0, "frames_converted": 0, "cache_hits": 0}
+        self.stats = {
+            "seeks": 0,
+            "packets_read": 0,
+            "frames_decoded": 0,
+            "frames_converted": 0,
+            "cache_hits": 0,
+        }
         self.damaged_frames: set[int] = set()
         self._gops: dict[int, tuple[int, int]] = {}  # GOP -> (keyframe pts, leading pictures)
         self._timestamps: np.ndarray | bool | None = False  # False: not computed yet
@@ -416,18 +423,16 @@ class VideoReader:
         target, dts = int(table.key_pos[k]), int(table.key_dts[k])
         if target != MISSING and self._pos_offset is not None:
             target += self._pos_offset
-        if (
-            container is not None
-            and k > 0
-            and target != MISSING
-            and dts != MISSING
-            and self._pos_offset is not None
-        ):
+        can_seek = k > 0 and target != MISSING and dts != MISSING and self._pos_offset is not None
+        if can_seek:
+            if container is None:
+                container = self._open_container()
             stream = self._stream(container)
             try:
                 container.seek(dts, stream=stream, backward=True)
                 packets = container.demux(stream)
                 for packet in packets:
+                    self.stats["packets_read"] += 1
                     pos = packet.pos
                     if packet.size == 0 or pos is None or pos < 0 or pos > target:
                         break
@@ -442,6 +447,7 @@ class VideoReader:
         packets = container.demux(self._stream(container))
         raw = -1
         for packet in packets:
+            self.stats["packets_read"] += 1
             if packet.size == 0:
                 continue
             raw += 1
@@ -582,6 +588,7 @@ class VideoReader:
                 return None
             try:
                 packet = next(session.packets)
+                self.stats["packets_read"] += 1
             except StopIteration:
                 session.ended = True
                 continue
