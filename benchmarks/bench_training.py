@@ -1,6 +1,10 @@
 """Fine-tuning cost: training steps/s and peak memory, trainable/total parameter ratios.
 
 Run: ``python benchmarks/bench_training.py [--quick] [--device cpu|cuda]``
+or ``python benchmarks/bench_training.py --cpu-step [--rounds 3]`` for the numbers behind the
+Fine-tune widget's CPU defaults (:data:`napari_masam.training.DEVICE_DEFAULTS`): one MA-SAM-Lite
+optimiser step (batch 1, D = 5) at 256/192/128/96 px, measured interleaved in one process, as
+seconds per step, the ratio to 256 px, and the projected length of the default CPU run.
 
 Each measurement runs in its own child process so that its peak resident memory (ru_maxrss) is
 its own; "overhead" is the peak while training minus the peak of a child that only builds the
@@ -104,6 +108,55 @@ def _child(name: str, steps: int, batch: int, device: str, train: bool) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def _cpu_step(rounds: int) -> None:
+    """Seconds per MA-SAM-Lite step by input size, interleaved (noise hits every size alike)."""
+    import numpy as np
+    import torch
+
+    from napari_masam.training import (
+        TrainingConfig,
+        build_training_model,
+        defaults_for_device,
+        masam_loss,
+    )
+    from napari_masam.training.models import apply_trainable, trainable_parameter_names
+
+    sizes = (256, 192, 128, 96)
+    config = TrainingConfig()
+    runs = {}
+    for size in sizes:
+        model = build_training_model("masam-lite", 2, image_size=size, device="cpu")
+        apply_trainable(model, trainable_parameter_names(model))
+        params = [p for p in model.parameters() if p.requires_grad]
+        runs[size] = (model.train(), torch.optim.AdamW(params, lr=config.lr))
+    times: dict[int, list[float]] = {s: [] for s in sizes}
+    gen = torch.Generator().manual_seed(0)
+    for r in range(rounds + 1):  # round 0 warms up (allocations, lazy init)
+        for size in sizes:
+            model, opt = runs[size]
+            x = torch.rand(1, 5, 3, size, size, generator=gen)
+            t0 = time.perf_counter()
+            logits = model(x, None)
+            target = torch.randint(0, 3, (5, *logits.shape[-2:]), generator=gen)
+            loss = masam_loss(logits, target)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            if r:
+                times[size].append(time.perf_counter() - t0)
+    cpu = defaults_for_device("cpu")
+    steps = cpu.epochs * (cpu.max_steps_per_epoch or 1)
+    print(f"MA-SAM-Lite step on CPU ({torch.get_num_threads()} threads, batch 1 x 5 slices)")
+    base = float(np.median(times[256]))
+    for size in sizes:
+        med = float(np.median(times[size]))
+        mark = "  <- CPU default" if size == cpu.image_size else ""
+        print(
+            f"  {size:>4} px: {med:7.2f} s/step  ({med / base:.2f} x 256 px); "
+            f"{steps} steps = {steps * med / 60:.1f} min{mark}"
+        )
+
+
 def _param_table() -> list[tuple[str, int, int]]:
     import torch
 
@@ -128,11 +181,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer steps, skip the 256 px lite")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--cpu-step", action="store_true", help="CPU step time by input size")
+    parser.add_argument("--rounds", type=int, default=3, help="measured rounds of --cpu-step")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--steps", type=int, default=3, help=argparse.SUPPRESS)
     parser.add_argument("--batch", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--no-train", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.cpu_step:
+        _cpu_step(args.rounds)
+        return
     if args.one:
         print(json.dumps(_one(args.one, args.steps, args.batch, args.device, not args.no_train)))
         return

@@ -631,3 +631,38 @@ def test_progress_carries_an_eta_from_measured_steps(phantom_case):
     first = steps[0]
     assert first.eta_s >= (first.total_steps - first.step) * first.step_s * 0.5
     assert steps[-1].eta_s >= 0 and items[-1].eta_s == 0.0
+
+
+def test_cli_sizes_the_run_for_the_device_unless_told(tmp_path):
+    import json
+
+    import nibabel as nib
+
+    from napari_masam.checkpoints import save_checkpoint
+    from napari_masam.cli import main
+    from napari_masam.training import defaults_for_device
+
+    image, labels = make_phantom(depth=10)
+    affine = np.diag([1.0, 1.0, 2.0, 1.0])
+    nib.save(nib.Nifti1Image(image.transpose(2, 1, 0), affine), tmp_path / "ph.nii.gz")
+    nib.save(nib.Nifti1Image(labels.transpose(2, 1, 0), affine), tmp_path / "ph_labels.nii.gz")
+    start = save_checkpoint(build_training_model("tiny", 2), tmp_path / "tiny.safetensors")
+    out = tmp_path / "run"
+    argv = ["train", str(tmp_path), "-o", str(out), "--init-checkpoint", str(start)]
+    argv += ["--slab-thickness", "5", "--val-fraction", "0.5", "--device", "cpu", "-q"]
+    assert main(argv) == 0
+    cpu = defaults_for_device("cpu")
+    history = json.loads((out / "history.json").read_text())
+    assert len(history) == cpu.epochs  # not the recipe's 20 epochs
+    state = torch.load(out / "resume.pt", map_location="cpu", weights_only=True)
+    # one training slab of 5 slices = 5 groups, batch 1, at most 8 steps per epoch
+    assert state["step"] == cpu.epochs * min(5, cpu.max_steps_per_epoch)
+
+
+def test_masam_lite_can_start_at_a_smaller_input_size():
+    model = build_training_model("masam-lite", 2, image_size=128)
+    assert model.image_size == 128
+    assert model.metadata.provenance["start"]["name"] == "masam-lite"
+    assert set(trainable_parameter_names(model)) == {
+        n for n, p in model.named_parameters() if p.requires_grad
+    }

@@ -34,6 +34,10 @@ outputs (in OUTDIR):
 
 every recipe number is a TrainingConfig field: --config FILE.json sets any of them
 (e.g. {"p_rot90_flip": 0, "warmup_steps": 50}); explicit options override the file.
+
+run size: without --epochs/--batch-size/--max-steps-per-epoch/--config the run is sized for
+the device (napari_masam.training.DEVICE_DEFAULTS): on a CPU 5 epochs x 8 steps of one group
+with MA-SAM-Lite at 128 px (minutes, not hours); on a GPU the recipe's 20 epochs at 256 px.
 """
 
 
@@ -60,6 +64,11 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--classes", help="comma-separated class names (label 1, 2, ...)")
     p.add_argument("--preset", help="intensity preset (default: the model's)")
     p.add_argument("--config", metavar="JSON", help="TrainingConfig fields as a JSON object")
+    p.add_argument(
+        "--image-size",
+        type=int,
+        help="masam-lite input side in px (default: by device, 128 on a CPU, 256 on a GPU)",
+    )
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--max-steps-per-epoch", type=int)
@@ -153,10 +162,34 @@ def run_train(args: argparse.Namespace) -> int:
     ValueError, FileNotFoundError
         Bad data or options (before any training starts).
     """
+    from ..devices import resolve_device
+    from .config import defaults_for_device
     from .data import check_cases
     from .loop import build_training_model, iter_train
 
     config = config_from_args(args)
+    device = resolve_device(args.device)
+    image_size = getattr(args, "image_size", None)
+    sized_by_hand = any(
+        getattr(args, name, None) is not None
+        for name in ("epochs", "batch_size", "max_steps_per_epoch", "config")
+    )
+    if not sized_by_hand:
+        sized = defaults_for_device(device.type)
+        config = dataclasses.replace(
+            config,
+            epochs=sized.epochs,
+            batch_size=sized.batch_size,
+            max_steps_per_epoch=sized.max_steps_per_epoch,
+        )
+        image_size = image_size or sized.image_size
+        if not args.quiet:
+            sys.stderr.write(
+                f"run sized for {device.type}: {sized.epochs} epochs, batch {sized.batch_size}, "
+                f"at most {sized.max_steps_per_epoch or 'all'} steps per epoch"
+                + (f", {image_size} px" if args.backbone == "masam-lite" and image_size else "")
+                + " (give --epochs etc. to choose)\n"
+            )
     cases = _cases(args.folders, args.pair, args.video)
     if not cases:
         raise ValueError(
@@ -172,8 +205,9 @@ def run_train(args: argparse.Namespace) -> int:
         sam_checkpoint=args.sam_checkpoint,
         masam_checkpoint=args.masam_checkpoint,
         init_checkpoint=args.init_checkpoint,
-        device=args.device,
+        device=device,
         seed=config.seed,
+        image_size=image_size if args.backbone == "masam-lite" else None,
     )
     gen = iter_train(
         model,
@@ -181,7 +215,7 @@ def run_train(args: argparse.Namespace) -> int:
         config,
         val_cases=val_cases,
         output_dir=args.output,
-        device=args.device,
+        device=device,
         resume=args.resume,
     )
     out = sys.stderr
