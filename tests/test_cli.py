@@ -608,3 +608,57 @@ def test_propagate_volume_and_video_equal_the_engine(
     side = json.loads((out / "clip_seg.json").read_text())
     assert side["settings"]["propagate"] is True
     assert side["prompts"]["use"] == "propagated from keyframes"
+
+
+def test_non_finite_policy_is_recorded_in_the_sidecar(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, tiny_checkpoint: Path
+) -> None:
+    """#13.3: the engine's non-finite policy (and how many voxels it touched) is provenance."""
+    from napari_masam.preprocess import NON_FINITE_POLICY
+
+    affine = np.diag([1.0, 1.0, 2.0, 1.0])
+    data = _smooth_volume((16, 12, 4), 5).astype(np.float32)
+    data[0, 0, :] = np.nan  # 4 voxels, one per slice
+    data[3, 2, 1] = np.inf
+    nib.save(nib.Nifti1Image(data, affine), tmp_path / "nan.nii.gz")
+    code, _, stderr = run_cli(
+        capsys,
+        "segment",
+        tmp_path / "nan.nii.gz",
+        "-o",
+        tmp_path / "o",
+        "--checkpoint",
+        tiny_checkpoint,
+        "--device",
+        "cpu",
+        "-q",
+    )
+    assert code == 0, stderr
+    side = json.loads((tmp_path / "o" / "nan_seg.json").read_text())
+    assert side["preprocessing"]["non_finite"] == {"policy": NON_FINITE_POLICY, "voxels": 5}
+
+
+def test_precompute_respects_the_size_bound(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, tiny_checkpoint: Path
+) -> None:
+    volume = write_las(tmp_path / "v.nii")
+    cache_dir = tmp_path / "cache"
+    code, _, stderr = run_cli(
+        capsys,
+        "precompute",
+        volume,
+        "--cache-dir",
+        cache_dir,
+        "--cache-max-gb",
+        "0.000001",
+        "--checkpoint",
+        tiny_checkpoint,
+        "--device",
+        "cpu",
+        "-q",
+    )
+    assert code == 0, stderr
+    size = sum(p.stat().st_size for p in cache_dir.glob("*.safetensors"))
+    assert size <= 2**30 * 0.000001
+    code, _, stderr = run_cli(capsys, "precompute", volume, "--cache-max-gb", "0")
+    assert code == 2 and "must be > 0" in stderr

@@ -188,6 +188,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help=f"cache folder (default: {default_cache_dir()})",
     )
+    pre.add_argument(
+        "--cache-max-gb",
+        type=_positive_float,
+        default=None,
+        help="size bound of the cache folder in GiB; the least recently used entries go first "
+        "(default: the cache's own bound, 20 GiB)",
+    )
     _add_model_arguments(pre)
     pre.add_argument("--preset", choices=_preset_names(), help="intensity preset")
     pre.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
@@ -235,6 +242,16 @@ def _preset_names() -> tuple[str, ...]:
     from .preprocess import INTENSITY_PRESETS
 
     return tuple(INTENSITY_PRESETS)
+
+
+def _positive_float(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number") from None
+    if not number > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return number
 
 
 def _model_argument(value: str) -> str:
@@ -511,12 +528,15 @@ def cache_location() -> Path:
 
 def cache_summary(directory: Path) -> dict[str, Any]:
     """Location, entries and bytes of an on-disk embedding cache folder."""
+    from .cache import DEFAULT_MAX_DISK_BYTES
+
     files = sorted(directory.glob("*.safetensors")) if directory.is_dir() else []
     return {
         "directory": str(directory),
         "exists": directory.is_dir(),
         "entries": len(files),
         "bytes": sum(f.stat().st_size for f in files),
+        "default_max_bytes": DEFAULT_MAX_DISK_BYTES,
     }
 
 
@@ -583,7 +603,9 @@ def cmd_info(args: argparse.Namespace) -> int:
     cache = info["cache"]
     print(
         f"Embedding cache: {cache['directory']} ({cache['entries']} entries, "
-        f"{cache['bytes'] / 2**20:.1f} MiB{'' if cache['exists'] else '; not created yet'}; "
+        f"{cache['bytes'] / 2**20:.1f} MiB of at most "
+        f"{cache['default_max_bytes'] / 2**30:.0f} GiB"
+        f"{'' if cache['exists'] else '; not created yet'}; "
         "fill it with `napari-masam precompute`)",
         file=out,
     )
@@ -641,7 +663,9 @@ def cmd_precompute(args: argparse.Namespace) -> int:
     if not items:
         raise UsageError(f"no NIfTI or TIFF inputs found in {' '.join(args.inputs)}")
     device = resolve_device(spec.device)
-    cache = EmbeddingCache(max_bytes=0, directory=directory)  # disk only: every slice once
+    max_disk = None if args.cache_max_gb is None else int(args.cache_max_gb * 2**30)
+    # disk only (every slice is encoded once), bounded: least recently used entries go first
+    cache = EmbeddingCache(max_bytes=0, directory=directory, max_disk_bytes=max_disk)
     session = SegmentationSession(spec.load(device), device, cache=cache)
     failed = len(problems)
     for item in items:

@@ -214,3 +214,15 @@ def segment_stack(
             stack, request.boxes or {}, preset=request.preset, window=request.window
         )
     return drain(gen, on_progress)
+
+
+def non_finite_record(preprocessing: list[dict[str, object]]) -> dict[str, object] | None:
+    """The engine's non-finite policy and the voxels it replaced, summed over engine calls
+    (the chunks of a video), for the sidecar; None if the engine reports none."""
+    reports = [p.get("non_finite") for p in preprocessing]
+    reports = [r for r in reports if isinstance(r, dict)]
+    if not reports:
+        return None
+    policies = sorted({str(r.get("policy")) for r in reports})
+    voxels = sum(int(r.get("voxels", 0) or 0) for r in reports)  # type: ignore[call-overload]
+    return {"policy": policies[0] if len(policies) == 1 else policies, "voxels": voxels}

@@ -32,7 +32,13 @@ import numpy as np
 from ..io._common import atomic_path
 from ..weights import file_sha256
 from .config import BatchConfig, SegmentationRequest
-from .engine import ProgressCallback, SessionHolder, resolve_mode, segment_stack
+from .engine import (
+    ProgressCallback,
+    SessionHolder,
+    non_finite_record,
+    resolve_mode,
+    segment_stack,
+)
 from .inputs import BatchInput, JobResult
 from .outputs import (
     frame_sink,
@@ -338,6 +344,7 @@ def _run_in_memory(
     timings["segment_s"] = round(time.perf_counter() - t0, 4)
     timings.update({f"engine_{k}": v for k, v in result.timings.items()})
     facts["engine"] = result.preprocessing
+    facts["non_finite"] = non_finite_record([result.preprocessing])
 
     t0 = time.perf_counter()
     if fmt == "nifti":

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .config import BatchConfig, SegmentationRequest
-from .engine import ProgressCallback, segment_stack
+from .engine import ProgressCallback, non_finite_record, segment_stack
 from .inputs import BatchInput
 from .outputs import frame_sink, n_labels_for
 from .prompts import boxes_in_window, load_boxes, prompt_boxes
@@ -71,7 +71,8 @@ def segment_video_chunks(
         )
         done = 0
         segment_s = 0.0
-        engine: object = None
+        engine: dict[str, object] | None = None
+        reports: list[dict[str, object]] = []
         try:
             for start, window_frames, lo, hi in iter_overlapping_chunks(
                 iter_video_frames(reader), chunk, overlap
@@ -105,8 +106,9 @@ def segment_video_chunks(
                     result = segment_stack(session, window_frames, request, on_progress)
                     labels = np.asarray(result.labels)
                 segment_s += time.perf_counter() - t0
-                if engine is None and result is not None:
-                    engine = result.preprocessing
+                if result is not None:
+                    reports.append(result.preprocessing)
+                    engine = engine or result.preprocessing
                 if labels.shape[0] != window_frames.shape[0]:
                     raise ValueError(
                         f"{item.path.name}: engine returned {labels.shape[0]} label frames for a "
@@ -136,6 +138,7 @@ def segment_video_chunks(
         "chunk_overlap": overlap,
         "volume_window": None if window is None else list(window),
         "engine": engine,
+        "non_finite": non_finite_record(reports),
     }
     return done, facts, prompts_record
 
@@ -214,5 +217,6 @@ def segment_video_whole(
         "fps": fps,
         "volume_window": None if window is None else list(window),
         "engine": result.preprocessing,
+        "non_finite": non_finite_record([result.preprocessing]),
     }
     return n, facts, prompts_record
