@@ -583,3 +583,16 @@ def test_micron_header_shown_in_mm(tmp_path):
     np.testing.assert_allclose(vol.spacing_zyx, (1.0, 0.25, 0.5))
     out = write_nifti(tmp_path / "back.nii.gz", np.asarray(vol.data), vol.metadata, is_labels=False)
     np.testing.assert_array_equal(nib.load(out).affine, nib.load(tmp_path / "um.nii.gz").affine)
+
+
+def test_folder_named_like_a_file_is_called_a_folder(tmp_path):
+    from napari_masam.io.tiff import read_tiff_stack
+
+    (tmp_path / "scan.nii.gz").mkdir()
+    (tmp_path / "stack.tif").mkdir()
+    with pytest.raises(ValueError, match="is a folder, not a NIfTI file"):
+        read_nifti(tmp_path / "scan.nii.gz")
+    with pytest.raises(ValueError, match="is a folder, not a TIFF file"):
+        read_tiff_stack(tmp_path / "stack.tif")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        read_nifti(tmp_path / "missing.nii.gz")

@@ -189,10 +189,16 @@ def check_nifti_file(path: str | os.PathLike[str]) -> None:
         or colour voxels, or a non-finite affine; the message says what to do.
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"NIfTI file {path} does not exist")
+    _require_file(path, "NIfTI")
     img = _load_header(path)
     _check_header(path, img)
+
+
+def _require_file(path: Path, what: str) -> None:
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder, not a {what} file; choose the file inside it")
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} file {path} does not exist")
 
 
 def _check_header(path: Path, img: nib.Nifti1Image | nib.Nifti2Image) -> None:
@@ -343,8 +349,7 @@ def read_nifti(
         affine, or ``as_labels=True`` on non-integral data.
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"NIfTI file {path} does not exist")
+    _require_file(path, "NIfTI")
     img = _load_header(path, mmap=mmap)
     # every size in the header is checked against the file before memory is allocated
     _check_header(path, img)

@@ -128,6 +128,8 @@ def read_tiff_stack(path: str | os.PathLike[str], as_labels: bool | None = None)
         Missing, or not a readable TIFF.
     """
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder, not a TIFF file; choose the file inside it")
     if not path.is_file():
         raise FileNotFoundError(f"TIFF file {path} does not exist")
     try:
