@@ -12,9 +12,10 @@ import pytest
 import torch
 from torch import nn
 
-from napari_masam.model.base import DISPLAY_ORIENTATION, SegmentationModel
+from napari_masam.model.base import SegmentationModel
 from napari_masam.model.lite import (
     LITEMEDSAM_ENCODER,
+    LITEMEDSAM_ORIENTATION,
     LiteMedSAM,
     MASAMLite,
     TinyViTFacTQKV,
@@ -81,7 +82,7 @@ def test_litemedsam_contract(lite):
     assert lite.kind == "litemedsam"
     assert (lite.image_size, lite.slices_per_group, lite.num_classes) == (256, 1, 1)
     assert lite.supports_boxes and not lite.supports_automatic
-    assert lite.metadata.orientation == DISPLAY_ORIENTATION
+    assert lite.metadata.orientation == LITEMEDSAM_ORIENTATION == "SLP"
     assert lite.metadata.resize_mode in ("stretch", "longest_side")
     assert lite.metadata.sha256 == (
         "79d8c9dca6db4d69d3f905579e5250af05e859fff9c1f543e89a513c3028ce76"

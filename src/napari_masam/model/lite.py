@@ -29,7 +29,7 @@ from torch import nn
 from ..devices import resolve_device
 from ..palette import label_colors
 from ..weights import LITEMEDSAM_SHA256, load_litemedsam_state_dict
-from .base import DISPLAY_ORIENTATION, ModelMetadata, SegmentationModel
+from .base import ModelMetadata, SegmentationModel
 
 logger = logging.getLogger(__name__)
 
@@ -63,11 +63,26 @@ LITEMEDSAM_ENCODER: dict[str, Any] = {
 LITEMEDSAM_INTENSITY_PRESET = "minmax"
 LITEMEDSAM_RESIZE_MODE = "stretch"
 #: (Z, Y, X) axis codes of the slices LiteMedSAM is fed (:attr:`ModelMetadata.orientation`):
-#: napari-masam's display orientation, i.e. axial slices with anterior at the top and the
-#: patient's left on the right, as in MedSAM's training slices of DICOM-ordered CT/MR (see the
-#: module docstring). Measured against the alternatives (benchmarks/bench_lite.py orientation):
-#: see the table there.
-LITEMEDSAM_ORIENTATION = DISPLAY_ORIENTATION
+#: display slices TRANSPOSED (rows to the patient's Left, columns to Posterior). MedSAM's own
+#: preprocessing feeds the voxel order as stored (module docstring), which mixes orientations
+#: over its training sets, so the choice was measured: Colin27 through napari-masam's reader in
+#: three acquisitions, 8 slices each, tight boxes, mean Dice (benchmarks/bench_lite.py
+#: --orientation):
+#:
+#: ==========================  =====  =====  =====  =====
+#: case                        SPL    SLP    SAL    SPR
+#: ==========================  =====  =====  =====  =====
+#: axial 1 mm, brain           0.932  0.919  0.915  0.940
+#: axial, AAL 8 deep (4 sl)    0.581  0.633  0.680  0.617
+#: coronal 2x2x3 mm (LSA)      0.827  0.852  0.803  0.841
+#: sagittal 3x2x2 mm (ASL)     0.812  0.844  0.784  0.808
+#: mean                        0.788  0.812  0.796  0.802
+#: ==========================  =====  =====  =====  =====
+#:
+#: The session issue measured the same direction on a real coronally acquired T1 (transposed
+#: 0.877 vs 0.653). The engine applies it from the display orientation "SPL"
+#: (:func:`napari_masam.preprocess.orientation_transform`, in-plane only: the slice axis stays).
+LITEMEDSAM_ORIENTATION = "SLP"
 
 # Keyword arguments that generic callers (registry, load_model) may pass as None.
 _TOLERATED_NONE_KWARGS = ("checkpoint", "sam_checkpoint", "masam_checkpoint", "image_size")

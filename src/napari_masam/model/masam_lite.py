@@ -34,10 +34,9 @@ from ..devices import resolve_device
 from ..palette import label_colors
 from ..weights import LITEMEDSAM_SHA256, load_litemedsam_state_dict
 from .adapters import Adapter3D, FacTQKV, FacTShared
-from .base import ModelMetadata
+from .base import DISPLAY_ORIENTATION, ModelMetadata
 from .lite import (
     LITEMEDSAM_INTENSITY_PRESET,
-    LITEMEDSAM_ORIENTATION,
     LITEMEDSAM_RESIZE_MODE,
     PROMPT_EMBED_DIM,
     LiteMedSAM,
@@ -327,7 +326,9 @@ def masam_lite_metadata(
         class_names=class_names,
         class_colors=label_colors(num_classes),
         intensity_preset=LITEMEDSAM_INTENSITY_PRESET,
-        orientation=LITEMEDSAM_ORIENTATION,
+        # fine-tuned and run on display slices: train and inference see the same frame whatever
+        # the caller passes as stack orientation
+        orientation=DISPLAY_ORIENTATION,
         resize_mode=LITEMEDSAM_RESIZE_MODE,
         sha256=LITEMEDSAM_SHA256,
         provenance={
