@@ -396,6 +396,7 @@ def test_users_own_output_is_kept_and_named(
         (["--preset", "no_such_preset"], "invalid choice"),
         (["--model", "litemedsam", "--sam-checkpoint", __file__], "litemedsam"),
         (["--checkpoint", "FOLDER"], "is a folder"),
+        (["--sam-checkpoint", __file__], "--masam-checkpoint"),  # not "num_classes=C"
     ],
 )
 def test_usage_errors_exit_2_before_any_work(
@@ -408,7 +409,7 @@ def test_usage_errors_exit_2_before_any_work(
     code, _, stderr = run_cli(capsys, "segment", tmp_path / "x.nii", "-o", tmp_path / "o", *extra)
     assert code == 2
     assert message in stderr
-    assert "no such file" not in stderr
+    assert "no such file" not in stderr and "num_classes" not in stderr
     assert not (tmp_path / "o").exists()
 
 
@@ -462,13 +463,15 @@ def test_boxes_outside_the_image_fail_the_input(
     assert not (tmp_path / "o" / "x_seg.nii.gz").exists()
 
 
-def test_2d_nifti_gets_advice_that_applies(
-    capsys: pytest.CaptureFixture[str], tmp_path: Path, tiny_checkpoint: Path
+def test_2d_nifti_is_a_one_slice_stack(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, tiny_checkpoint: Path, engine
 ) -> None:
-    img = nib.Nifti1Image(
-        np.random.default_rng(0).normal(size=(20, 16)).astype(np.float32), np.eye(4)
-    )
-    nib.save(img, tmp_path / "flat.nii.gz")
+    """#13.5/6: the CLI refused a 2-D NIfTI with "split 4-D series" advice; the one rule now:
+    a 2-D file is a one-slice stack, and its labels are written back as a 2-D file."""
+    from napari_masam.io.nifti import read_nifti
+
+    data = _smooth_volume((20, 16, 1), 4)[..., 0].astype(np.float32)
+    nib.save(nib.Nifti1Image(data, np.diag([0.8, 0.8, 1.0, 1.0])), tmp_path / "flat.nii.gz")
     code, _, stderr = run_cli(
         capsys,
         "segment",
@@ -481,8 +484,14 @@ def test_2d_nifti_gets_advice_that_applies(
         "cpu",
         "-q",
     )
-    assert code == 1
-    assert "flat.nii.gz" in stderr and "4-D" not in stderr
+    assert code == 0, stderr
+    result = nib.load(tmp_path / "o" / "flat_seg.nii.gz")
+    assert result.shape == (20, 16)
+    np.testing.assert_allclose(result.affine, np.diag([0.8, 0.8, 1.0, 1.0]))
+    stack = np.asarray(read_nifti(tmp_path / "flat.nii.gz").stack_zyx())
+    expected = _engine_labels(engine, stack)
+    got = np.asarray(read_nifti(tmp_path / "o" / "flat_seg.nii.gz", as_labels=True).stack_zyx())
+    np.testing.assert_array_equal(got, expected)
 
 
 def test_no_timm_future_warnings_when_loading_the_default_model() -> None:

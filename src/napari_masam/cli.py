@@ -266,6 +266,33 @@ def _model_argument(value: str) -> str:
     )
 
 
+def _model_spec(args: argparse.Namespace) -> batch.ModelSpec:
+    """The model of ``segment``/``precompute``, parsed once (:class:`batch.ModelSpec`).
+
+    Raises
+    ------
+    UsageError
+        Conflicting or missing files; a SAM checkpoint without the authors' MA-SAM file (its
+        MA-SAM parts would be untrained: nothing worth segmenting with).
+    """
+    try:
+        spec = batch.ModelSpec(
+            model=args.model,
+            checkpoint=args.checkpoint,
+            sam_checkpoint=args.sam_checkpoint,
+            masam_checkpoint=args.masam_checkpoint,
+            device=args.device,
+        )
+    except (ValueError, FileNotFoundError) as exc:
+        raise UsageError(str(exc)) from exc
+    if args.sam_checkpoint and not args.masam_checkpoint:
+        raise UsageError(
+            "--sam-checkpoint alone has no trained MA-SAM parts; give the authors' MA-SAM file "
+            "too (--masam-checkpoint), or one napari-masam checkpoint (--checkpoint)"
+        )
+    return spec
+
+
 def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model (default: the embedded LiteMedSAM)")
     group.add_argument(
@@ -347,13 +374,7 @@ def _print_human_summary(summary: dict[str, Any], output: Path, stream: TextIO) 
 def config_from_args(args: argparse.Namespace) -> batch.BatchConfig:
     """Build the :class:`~napari_masam.batch.BatchConfig` of ``segment`` arguments."""
     try:
-        spec = batch.ModelSpec(
-            model=args.model,
-            checkpoint=args.checkpoint,
-            sam_checkpoint=args.sam_checkpoint,
-            masam_checkpoint=args.masam_checkpoint,
-            device=args.device,
-        )
+        spec = _model_spec(args)
         if args.threads is not None and args.threads < 1:
             raise ValueError(f"--threads must be >= 1, got {args.threads}")
         if args.mode == "boxes" and not args.boxes:
@@ -635,16 +656,7 @@ def cmd_precompute(args: argparse.Namespace) -> int:
     from .devices import resolve_device
     from .session import SegmentationSession
 
-    try:
-        spec = batch.ModelSpec(
-            model=args.model,
-            checkpoint=args.checkpoint,
-            sam_checkpoint=args.sam_checkpoint,
-            masam_checkpoint=args.masam_checkpoint,
-            device=args.device,
-        )
-    except (ValueError, FileNotFoundError) as exc:
-        raise UsageError(str(exc)) from exc
+    spec = _model_spec(args)
     directory = Path(args.cache_dir).expanduser().absolute() if args.cache_dir else cache_location()
     items, problems = batch.discover_inputs(args.inputs)
     videos = [i for i in items if i.kind == "video"]

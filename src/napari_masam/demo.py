@@ -14,6 +14,7 @@ import numpy as np
 from .batch import input_kind, input_stem
 from .io.boxes import save_boxes_file
 from .io.sample_data import CTPhantom
+from .prompts import mask_box
 from .weights import file_sha256
 
 #: Demo prompts for the bundled Colin27 T1 sample (``data/colin27_t1_2mm.nii.gz``, identified by
@@ -145,14 +146,15 @@ def keyframe_boxes(
         )
         frames: dict[int, tuple[float, float, float, float]] = {}
         for z in picks:
-            rows, cols = np.nonzero(blobs[z] == blob)
-            if rows.size == 0:
+            tight = mask_box(blobs[z] == blob)  # THE mask -> box conversion
+            if tight is None:
                 continue
+            x0, y0, x1, y1 = tight
             frames[int(z)] = (
-                float(max(cols.min() - 3, 0)),
-                float(max(rows.min() - 3, 0)),
-                float(min(cols.max() + 3, width - 1)),
-                float(min(rows.max() + 3, height - 1)),
+                float(max(x0 - 3, 0)),
+                float(max(y0 - 3, 0)),
+                float(min(x1 + 3, width - 1)),
+                float(min(y1 + 3, height - 1)),
             )
         if frames:
             boxes[len(boxes) + 1] = frames

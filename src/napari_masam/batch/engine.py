@@ -113,16 +113,19 @@ def resolve_mode(mode: str | None, model: SegmentationModel, has_boxes: bool) ->
     ValueError
         Automatic mode on a box-only model, or boxes mode without ``--boxes``.
     """
+    from ..inference import supported_modes
+
     name = model.metadata.name
+    modes = supported_modes(model)  # THE "can this model run this mode"
     if mode is None:  # boxes given are never ignored
-        mode = "boxes" if has_boxes or not model.supports_automatic else "auto"
-    if mode == "auto" and not model.supports_automatic:
+        mode = "boxes" if has_boxes or "automatic" not in modes else "auto"
+    if mode == "auto" and "automatic" not in modes:
         raise ValueError(
             f"model {name!r} has no trained class head, so it cannot segment automatically; "
             "use --mode boxes with --boxes FILE, or a MA-SAM checkpoint"
         )
     if mode == "boxes":
-        if not model.supports_boxes:
+        if "boxes" not in modes:
             raise ValueError(f"model {name!r} does not take box prompts; use --mode auto")
         if not has_boxes:
             raise ValueError(

@@ -266,17 +266,8 @@ def read_stack(item: BatchInput) -> tuple[np.ndarray, dict[str, object] | None, 
         from ..io.nifti import read_nifti
 
         volume = read_nifti(item.path, as_labels=False)
-        stack = np.asarray(volume.data)
-        if stack.ndim == 2:
-            raise ValueError(
-                f"{item.path.name}: a single 2-D slice of shape {stack.shape}; the CLI segments "
-                "3-D volumes (Z, Y, X). Open it in napari and segment it with the widget"
-            )
-        if stack.ndim != 3:
-            raise ValueError(
-                f"{item.path.name}: expected a 3-D volume, got shape {stack.shape}; "
-                "split 4-D series into 3-D files first"
-            )
+        # THE 2-D/3-D/4-D rule: a 2-D file is a one-slice stack, written back as 2-D
+        stack = np.asarray(volume.stack_zyx())
         facts: dict[str, object] = {
             "shape_zyx": list(stack.shape),
             "spacing_zyx": [float(s) for s in volume.spacing_zyx],
