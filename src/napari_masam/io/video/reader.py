@@ -197,13 +197,20 @@ class VideoReader:
             table = None if index == "scan" else table_from_sample_table(stream)
             if table is None:
                 table = table_from_packet_scan(container, stream, self.path)
-        except av.FFmpegError as exc:
-            raise ValueError(f"{self.path}: cannot read the video stream ({exc})") from exc
-        finally:
+        except BaseException as exc:
             container.close()
+            if isinstance(exc, av.FFmpegError):
+                raise ValueError(f"{self.path}: cannot read the video stream ({exc})") from exc
+            raise
         if table.n_packets == 0:
+            container.close()
             raise ValueError(f"{self.path} has no video frames")
         self._table = table
+        if table.source == "sample-table":  # untouched: frame 0 is decoded from it
+            self._unread: Any = container
+        else:
+            container.close()
+            self._unread = None
 
         self.height, self.width, self.rotation = 0, 0, 0
         self._coded: tuple[int, int] | None = None
@@ -474,7 +481,16 @@ class VideoReader:
         if k == 0 and container is not None:
             container.close()
             container = None
-        container, packets = self._packets_from(k, container)
+        if k == 0 and self._unread is not None:  # the container opened for the table
+            container, self._unread = self._unread, None
+            packets = container.demux(self._stream(container))
+            first = next((p for p in packets if p.size), None)
+            if first is not None and self._pos_offset is None:
+                ok = first.pos is not None and first.pos >= 0 and self._table.key_pos[0] != MISSING
+                self._pos_offset = int(first.pos) - int(self._table.key_pos[0]) if ok else 0
+            packets = itertools.chain([first] if first is not None else [], packets)
+        else:
+            container, packets = self._packets_from(k, container)
         if k > 0:
             self._stream(container).codec_context.flush_buffers()
         session = _Session(
