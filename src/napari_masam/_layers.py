@@ -68,6 +68,9 @@ class LayerStack:
         The image is a single 2D picture; ``stack`` has one slice.
     scale, translate : tuple of float
         The image layer's scale and translate over ``labels_shape``'s axes (mm for NIfTI).
+    units : tuple of str
+        The image layer's ``units`` over the same axes (``"millimeter"``, ``"pixel"``, ...); layers
+        made over the image get them too, so napari never sees inconsistent units.
     """
 
     stack: Any
@@ -76,6 +79,7 @@ class LayerStack:
     is_2d: bool
     scale: tuple[float, ...]
     translate: tuple[float, ...]
+    units: tuple[str, ...] = ()
 
     @property
     def n_slices(self) -> int:
@@ -139,7 +143,8 @@ def stack_from_layer(layer: Any) -> LayerStack:
     labels_shape = tuple(int(s) for s in data.shape[:n_spatial])
     scale = tuple(float(s) for s in layer.scale[-n_spatial:])
     translate = tuple(float(t) for t in layer.translate[-n_spatial:])
-    return LayerStack(stack, labels_shape, rgb, is_2d, scale, translate)
+    units = tuple(str(u) for u in tuple(getattr(layer, "units", ()) or ())[-n_spatial:])
+    return LayerStack(stack, labels_shape, rgb, is_2d, scale, translate, units)
 
 
 def class_colormap(class_colors: Sequence[str], default: str = "#ffffff") -> Any:
@@ -241,9 +246,15 @@ def volume_table(
 def new_labels_layer(
     viewer: napari.Viewer, like: LayerStack, name: str, dtype: np.dtype | type = np.uint8
 ) -> Labels:
-    """Add an all-zero Labels layer that overlays the image described by ``like``."""
+    """Add an all-zero Labels layer that overlays the image described by ``like`` (same scale,
+    translate and units; not made the active layer, so the user's drawing tool stays active)."""
     data = np.zeros(like.labels_shape, dtype=dtype)
-    return viewer.add_labels(data, name=name, scale=like.scale, translate=like.translate)
+    active = viewer.layers.selection.active
+    kwargs: dict[str, Any] = {"units": like.units} if like.units else {}
+    layer = viewer.add_labels(data, name=name, scale=like.scale, translate=like.translate, **kwargs)
+    if active is not None and active in viewer.layers:
+        viewer.layers.selection.active = active
+    return layer
 
 
 #: layer.metadata keys that describe the source file's geometry (the writers' input)
@@ -407,19 +418,61 @@ def commit_labels(
     return changed_total
 
 
+#: layer.metadata key of a prompts layer: the image layer it belongs to (see bind_prompts)
+PROMPTS_IMAGE_KEY = "napari_masam_prompts_for"
+#: Shape types that become their bounding box; lines and paths enclose nothing and are refused.
+BOX_SHAPE_TYPES = ("rectangle", "ellipse", "polygon")
+
+
+def image_binding(image_layer: Layer) -> dict[str, str]:
+    """What a prompts layer records about its image: the layer's name and napari unique id."""
+    return {"name": str(image_layer.name), "id": str(image_layer.unique_id)}
+
+
+def bind_prompts(shapes_layer: Layer, image_layer: Layer) -> None:
+    """Record in ``shapes_layer.metadata`` that its boxes are prompts for ``image_layer``."""
+    shapes_layer.metadata[PROMPTS_IMAGE_KEY] = image_binding(image_layer)
+
+
+def prompts_image(shapes_layer: Layer) -> dict[str, str] | None:
+    """The image binding of a prompts layer (``{"name", "id"}``), or None when unbound.
+
+    Layers made before bindings carried ids hold just the image name; that is returned as
+    ``{"name": name, "id": ""}``.
+    """
+    bound = shapes_layer.metadata.get(PROMPTS_IMAGE_KEY)
+    if bound is None:
+        return None
+    if isinstance(bound, str):
+        return {"name": bound, "id": ""}
+    return {"name": str(bound.get("name", "")), "id": str(bound.get("id", ""))}
+
+
+def is_bound_to(shapes_layer: Layer, image_layer: Layer) -> bool:
+    """Whether ``shapes_layer`` holds prompts for ``image_layer`` (by napari unique id, or by
+    name for a binding without id)."""
+    bound = prompts_image(shapes_layer)
+    if bound is None:
+        return False
+    if bound["id"]:
+        return bound["id"] == str(image_layer.unique_id)
+    return bound["name"] == str(image_layer.name)
+
+
 def create_prompts_layer(
     viewer: napari.Viewer, image_layer: Image, name: str = PROMPTS_LAYER_NAME, object_id: int = 1
 ) -> Shapes:
     """Add a Shapes layer for box prompts that overlays ``image_layer`` exactly.
 
-    The layer copies the image's spatial ``scale`` and ``translate`` (and its affine, if any),
-    so rectangle vertices in the layer's data frame are the image's pixel indices
-    ``(slice, row, col)``. New rectangles get the feature :data:`OBJECT_FEATURE` = ``object_id``
-    (change it with :func:`set_current_object`). The layer is selected in rectangle mode.
+    The layer copies the image's spatial ``scale``, ``translate``, ``units`` (and its affine, if
+    any), so rectangle vertices in the layer's data frame are the image's pixel indices
+    ``(slice, row, col)``; it is bound to the image (:func:`bind_prompts`). New rectangles get
+    the feature :data:`OBJECT_FEATURE` = ``object_id`` (change it with
+    :func:`set_current_object`). The layer is selected in rectangle mode.
     """
     info = stack_from_layer(image_layer)
     ndim = len(info.labels_shape)
-    kwargs: dict[str, Any] = {}
+    kwargs: dict[str, Any] = {"units": info.units} if info.units else {}
     affine = np.asarray(image_layer.affine.affine_matrix)
     if not np.allclose(affine, np.eye(affine.shape[0])):
         kwargs["affine"] = affine[-(ndim + 1) :, -(ndim + 1) :]
@@ -435,63 +488,235 @@ def create_prompts_layer(
         feature_defaults={OBJECT_FEATURE: int(object_id)},
         **kwargs,
     )
-    layer.metadata["napari_masam_prompts_for"] = image_layer.name
-    viewer.layers.selection.active = layer
-    layer.mode = "add_rectangle"
+    bind_prompts(layer, image_layer)
+    activate_for_drawing(viewer, layer)
     return layer
 
 
-def set_current_object(layer: Shapes, object_id: int) -> None:
-    """Make rectangles drawn next in ``layer`` belong to object ``object_id`` (and its colour)."""
+def activate_for_drawing(viewer: napari.Viewer, shapes_layer: Shapes) -> None:
+    """Make ``shapes_layer`` the active layer in rectangle mode: the next drag draws a box."""
+    viewer.layers.selection.active = shapes_layer
+    shapes_layer.mode = "add_rectangle"
+
+
+def set_current_object(layer: Shapes, object_id: int, color: str | None = None) -> None:
+    """Make rectangles drawn next in ``layer`` belong to object ``object_id`` (and its colour;
+    default the palette's)."""
     defaults = layer.feature_defaults
     if OBJECT_FEATURE in getattr(defaults, "columns", ()):
         layer.feature_defaults = {OBJECT_FEATURE: int(object_id)}
-    layer.current_edge_color = object_color(object_id)
+    layer.current_edge_color = color or object_color(object_id)
+
+
+def color_object_shapes(layer: Shapes, object_id: int, color: str) -> None:
+    """Give every shape of object ``object_id`` in a prompts layer the edge colour ``color``."""
+    if OBJECT_FEATURE not in getattr(layer.features, "columns", ()):
+        return
+    ids = np.asarray(layer.features[OBJECT_FEATURE], dtype=np.int64)
+    if not ids.size:
+        return
+    from napari.utils.colormaps.standardize_color import transform_color
+
+    edges = np.array(layer.edge_color, dtype=float, copy=True)
+    edges[ids == int(object_id)] = transform_color(color)[0]
+    layer.edge_color = edges
+
+
+@dataclass(frozen=True)
+class ShapePrompts:
+    """Box prompts read from a Shapes layer, in an image's pixel frame.
+
+    Attributes
+    ----------
+    vertices_rc : list of ndarray
+        One ``(n, 3)`` float array ``(slice, row, col)`` per usable shape: the 4 corners of the
+        shape's axis-aligned bounding box (an ellipse or polygon becomes its bounding box).
+    object_ids : list of int
+        Object id of each shape (:data:`OBJECT_FEATURE`, else ``1, 2, ...``).
+    skipped : tuple of str
+        Shape types that were ignored (lines and paths enclose no region).
+    mapped_slice : int or None
+        For a 2-D Shapes layer over a volume: the image slice the boxes were put on (the one
+        on screen); None otherwise.
+    """
+
+    vertices_rc: list[np.ndarray]
+    object_ids: list[int]
+    skipped: tuple[str, ...] = ()
+    mapped_slice: int | None = None
+
+
+def shapes_in_image_frame(
+    shapes_layer: Shapes, image_layer: Image, *, world_point: Sequence[float] | None = None
+) -> ShapePrompts:
+    """Rectangles, ellipses and polygons of a Shapes layer as boxes in an image's pixel frame.
+
+    This is the one place where prompt vertices go from napari's world to the image's data
+    frame: data(shapes) -> world -> data(image), so a prompts layer with another scale,
+    translate or affine still maps to the right pixels.
+
+    Parameters
+    ----------
+    shapes_layer : napari.layers.Shapes
+    image_layer : napari.layers.Image
+        A 2-D picture, a ``(Z, Y, X)`` volume or a ``(T, H, W[, 3])`` video.
+    world_point : sequence of float, optional
+        The viewer's current world point (``viewer.dims.point``). Needed only when the Shapes
+        layer has fewer spatial dimensions than the image (a 2-D layer over a volume): its
+        boxes are then put on the slice on screen, and :attr:`ShapePrompts.mapped_slice` says
+        which.
+
+    Returns
+    -------
+    ShapePrompts
+
+    Raises
+    ------
+    ValueError
+        A 2-D Shapes layer over a volume without ``world_point`` (there is no slice to put the
+        boxes on: never guessed).
+    """
+    info = stack_from_layer(image_layer)
+    n_img = len(info.labels_shape)
+    n_shapes = int(shapes_layer.ndim)
+    features = shapes_layer.features
+    has_ids = OBJECT_FEATURE in getattr(features, "columns", ())
+    lower_dim = n_shapes < n_img
+    if lower_dim and world_point is None:
+        raise ValueError(
+            f"Shapes layer {shapes_layer.name!r} is {n_shapes}-D but image {image_layer.name!r} "
+            f"is {n_img}-D: its boxes belong to no slice. Use 'Add prompts layer' to make a "
+            "prompts layer for this image, and draw on the slice you mean."
+        )
+    vertices: list[np.ndarray] = []
+    ids: list[int] = []
+    skipped: list[str] = []
+    mapped: set[int] = set()
+    for i, (data, kind) in enumerate(zip(shapes_layer.data, shapes_layer.shape_type, strict=True)):
+        if kind not in BOX_SHAPE_TYPES:
+            logger.info("prompts layer %r: skipping %s shape %d", shapes_layer.name, kind, i)
+            skipped.append(str(kind))
+            continue
+        world = np.array([shapes_layer.data_to_world(v) for v in np.asarray(data, dtype=float)])
+        if lower_dim:
+            # a 2-D layer is drawn on every slice: it means the slice on screen
+            point = np.asarray(world_point, dtype=float)
+            full = np.repeat(point[np.newaxis], len(world), axis=0)
+            full[:, -world.shape[1] :] = world[:, -world.shape[1] :]
+            world = full
+        img = np.array([image_layer.world_to_data(w) for w in world], dtype=float)
+        img = img[:, -n_img:]
+        if info.is_2d:
+            img = np.concatenate([np.zeros((img.shape[0], 1)), img], axis=1)
+        if lower_dim:
+            z = int(np.round(img[0, 0]))
+            img[:, 0] = z
+            mapped.add(z)
+        lo, hi = img[:, 1:].min(axis=0), img[:, 1:].max(axis=0)
+        z = float(np.round(img[:, 0].mean()))
+        corners = np.array(
+            [[z, lo[0], lo[1]], [z, lo[0], hi[1]], [z, hi[0], hi[1]], [z, hi[0], lo[1]]]
+        )
+        vertices.append(corners)
+        ids.append(int(features[OBJECT_FEATURE].iloc[i]) if has_ids else len(ids) + 1)
+    return ShapePrompts(vertices, ids, tuple(skipped), mapped_slice=min(mapped) if mapped else None)
 
 
 def rectangles_in_image_frame(
     shapes_layer: Shapes, image_layer: Image
 ) -> tuple[list[np.ndarray], list[str], list[int]]:
-    """Rectangles of a Shapes layer as vertices in the image layer's pixel frame.
+    """Boxes of a Shapes layer as vertices in the image layer's pixel frame.
 
-    Vertices go data(shapes) -> world -> data(image), so a prompts layer with another scale or
-    translate still maps to the right pixels. For a 2D image a leading slice coordinate 0 is
-    added, so the result is always ``(slice, row, col)``.
-
-    Returns
-    -------
-    vertices : list of ndarray
-        One ``(4, 3)`` float array ``(slice, row, col)`` per rectangle (other shape types are
-        skipped and logged).
-    shape_types : list of str
-        ``"rectangle"`` for each kept shape.
-    object_ids : list of int
-        From the :data:`OBJECT_FEATURE` feature when present, else ``1, 2, ...`` per rectangle.
+    Kept for callers of the earlier API: :func:`shapes_in_image_frame` without a world point,
+    returned as ``(vertices, ["rectangle", ...], object_ids)``. Ellipses and polygons count as
+    their bounding boxes; lines and paths are skipped.
     """
-    info = stack_from_layer(image_layer)
-    features = shapes_layer.features
-    has_ids = OBJECT_FEATURE in getattr(features, "columns", ())
-    vertices: list[np.ndarray] = []
-    types: list[str] = []
-    ids: list[int] = []
-    for i, (data, kind) in enumerate(zip(shapes_layer.data, shapes_layer.shape_type, strict=True)):
-        if kind != "rectangle":
-            logger.info(
-                "prompts layer %r: skipping %s shape %d (only rectangles are boxes)",
-                shapes_layer.name,
-                kind,
-                i,
-            )
-            continue
-        world = np.array([shapes_layer.data_to_world(v) for v in np.asarray(data, dtype=float)])
-        img = np.array([image_layer.world_to_data(w) for w in world], dtype=float)
-        img = img[:, -len(info.labels_shape) :]
-        if info.is_2d:
-            img = np.concatenate([np.zeros((img.shape[0], 1)), img], axis=1)
-        vertices.append(img)
-        types.append("rectangle")
-        ids.append(int(features[OBJECT_FEATURE].iloc[i]) if has_ids else len(ids) + 1)
-    return vertices, types, ids
+    found = shapes_in_image_frame(shapes_layer, image_layer)
+    return found.vertices_rc, ["rectangle"] * len(found.vertices_rc), found.object_ids
+
+
+def write_objects_slice(
+    layer: Labels,
+    slice_index: int,
+    labels_slice: np.ndarray,
+    object_ids: Iterable[int],
+    *,
+    is_2d: bool,
+    dims: Any = None,
+) -> None:
+    """Replace the voxels of ``object_ids`` on one slice of a preview layer (no history).
+
+    Voxels of other objects stay (so a run that recomputes one object keeps the others); then
+    the foreground of ``labels_slice`` is written. Refreshes only when the slice is on screen.
+
+    Parameters
+    ----------
+    layer : napari.layers.Labels
+        ``(Z, Y, X)`` (``(Y, X)`` when ``is_2d``) numpy-backed preview labels.
+    slice_index : int
+        Slice/frame index along axis 0.
+    labels_slice : ndarray
+        ``(Y, X)`` labels of the recomputed objects on that slice (0 = background).
+    object_ids : iterable of int
+        The objects being recomputed: their old voxels on this slice are cleared first.
+    """
+    values = np.asarray(labels_slice)
+    current = layer.data if is_2d else layer.data[slice_index]
+    new = np.array(current, copy=True)
+    ids = np.fromiter((int(v) for v in object_ids), dtype=np.int64)
+    if ids.size:
+        new[np.isin(new, ids)] = 0
+    fg = values != 0
+    new[fg] = values[fg]
+    write_slice(layer, slice_index, new, is_2d=is_2d, dims=dims)
+
+
+def clear_objects(
+    layer: Labels, object_ids: Iterable[int], slices: Iterable[int] | None = None
+) -> None:
+    """Set the voxels of ``object_ids`` to 0 on ``slices`` (default all) of a preview layer."""
+    ids = np.fromiter((int(v) for v in object_ids), dtype=np.int64)
+    if not ids.size:
+        return
+    data = layer.data
+    if slices is None or data.ndim == 2:
+        data[np.isin(data, ids)] = 0
+    else:
+        for z in sorted({int(z) for z in slices}):
+            if 0 <= z < data.shape[0]:
+                plane = data[z]
+                plane[np.isin(plane, ids)] = 0
+    layer.refresh()
+
+
+def label_classes(layer: Labels) -> dict[int, tuple[str, str]]:
+    """Label value -> ``(name, #rrggbb)`` as set by :func:`set_label_classes` (may be empty)."""
+    names = layer.metadata.get("class_names", ())
+    colors = layer.metadata.get("class_colors", ())
+    return {
+        i: (str(name), str(colors[i - 1]) if i - 1 < len(colors) else object_color(i))
+        for i, name in enumerate(names, start=1)
+    }
+
+
+def merge_label_classes(layer: Labels, classes: dict[int, tuple[str, str]]) -> None:
+    """Add or rename classes of a Labels layer, keeping the ones it already has.
+
+    Parameters
+    ----------
+    layer : napari.layers.Labels
+    classes : dict
+        Label value -> ``(name, "#rrggbb")``; values not given keep their name and colour (or
+        get ``label i`` and the palette colour when they had none).
+    """
+    merged = label_classes(layer)
+    merged.update({int(k): (str(n), str(c)) for k, (n, c) in classes.items()})
+    if not merged:
+        return
+    top = max(merged)
+    names = [merged.get(i, (f"label {i}", object_color(i)))[0] for i in range(1, top + 1)]
+    colors = [merged.get(i, (f"label {i}", object_color(i)))[1] for i in range(1, top + 1)]
+    set_label_classes(layer, names, colors)
 
 
 def class_info_or_default(

@@ -1,17 +1,24 @@
 """The napari dock widget: automatic and box-prompted segmentation that never freezes the viewer.
 
-Plugins > napari-masam > Segment. The widget is a thin shell over the headless core:
+*Plugins > MA-SAM segmentation > Segment*. The widget is a thin shell over the headless core:
 
-- it gathers the controls into one run configuration,
-- loads the model once into a :class:`napari_masam.session.SegmentationSession` kept on the
+- its controls (:mod:`napari_masam._widget_controls`) turn into one frozen
+  :class:`~napari_masam._widget_controls.RunRequest` through a pure function;
+- it loads the model once into a :class:`napari_masam.session.SegmentationSession` kept on the
   widget (model + embedding cache reused between runs, so a second box on the same volume costs
-  only the decoder),
-- runs the engine generator in napari's thread worker (:mod:`napari_masam._worker`) and streams
-  finished slices into a *preview* Labels layer,
-- commits the preview into a Labels layer of the user's choice with a preserve policy, as one
-  undoable step.
+  only the decoder);
+- it runs the engine generator in napari's thread worker (:mod:`napari_masam._worker`) and
+  streams finished slices into a *preview* Labels layer. Box runs *add* to the preview: only
+  objects whose prompts changed are recomputed (:mod:`napari_masam._widget_objects`), so a
+  Cancel never wipes earlier objects;
+- objects have editable names and colours (the object table) that go with Commit and Export;
+- Commit writes the preview into a Labels layer of the user's choice with a preserve policy, as
+  one undoable step; Export writes labels in the source image's format and grid
+  (:mod:`napari_masam._widget_export`).
 
-Importing this module must stay light (no torch): the core is imported inside methods.
+Each prompts layer is bound to one image (``layer.metadata``); prompts of another image are
+refused with a message, never segmented silently on the wrong image. Importing this module must
+stay light (no torch): the core is imported inside methods.
 """
 
 from __future__ import annotations
@@ -21,25 +28,46 @@ import logging
 import time
 import weakref
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from magicgui.widgets import (
-    ComboBox,
-    Container,
-    FileEdit,
-    FloatSpinBox,
-    Label,
-    ProgressBar,
-    PushButton,
-    RadioButtons,
-    SpinBox,
-    Table,
-)
+from magicgui.widgets import Container
 
 from . import _layers
+from ._widget_controls import (
+    CHECKPOINT_CHOICE,
+    CUSTOM_CT_PRESET,
+    MODEL_DEFAULT_PRESET,
+    MODES,
+    NEW_LAYER_TARGET,
+    SAM_BASE_FILES,
+    ControlValues,
+    RunRequest,
+    automatic_note,
+    automatic_support,
+    build_controls,
+    path_or_none,
+    request_from_controls,
+)
+from ._widget_export import (
+    FORMATS_BY_SOURCE,
+    LABELS_IMAGE_KEY,
+    SUFFIXES,
+    export_request,
+    iter_export,
+    source_kind,
+)
+from ._widget_objects import (
+    ObjectRecord,
+    ObjectTable,
+    as_napari_table,
+    changed_keyframes,
+    changed_objects,
+    measure,
+    prompts_signature,
+)
 
 if TYPE_CHECKING:
     import napari
@@ -47,14 +75,16 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-#: Model choice meaning "use the file(s) below" instead of a registry preset.
-CHECKPOINT_CHOICE = "checkpoint file..."
-#: Intensity choice meaning "whatever the loaded model was trained with".
-MODEL_DEFAULT_PRESET = "model default"
-#: Intensity choice that shows the CT level/width boxes.
-CUSTOM_CT_PRESET = "custom CT window"
-#: Target choice: commit into a new Labels layer.
-NEW_LAYER_TARGET = "new Labels layer"
+__all__ = [
+    "CHECKPOINT_CHOICE",
+    "CUSTOM_CT_PRESET",
+    "MODEL_DEFAULT_PRESET",
+    "NEW_LAYER_TARGET",
+    "SHORTCUTS",
+    "MASAMWidget",
+    "SessionLoaded",
+    "gui_friendly_threads",
+]
 
 #: Viewer key bindings (napari key strings) -> widget action; none clashes with napari's defaults.
 SHORTCUTS: dict[str, str] = {
@@ -62,16 +92,11 @@ SHORTCUTS: dict[str, str] = {
     "Alt-C": "cancel",
     "Alt-N": "next_object",
     "Alt-M": "commit",
+    "Alt-K": "mark_keyframe",
 }
 
-_MODES = ("boxes", "automatic")
-
-
-def _path_or_none(value: Any) -> Path | None:
-    if value in (None, ""):
-        return None
-    path = Path(value)
-    return None if str(path) in ("", ".") else path
+_MODES = MODES  # earlier name
+_path_or_none = path_or_none  # earlier name
 
 
 @dataclass(frozen=True)
@@ -82,8 +107,21 @@ class SessionLoaded:
     key: Any
 
 
+@dataclass
+class _RunState:
+    """What the GUI thread tracks about the run in flight."""
+
+    request: RunRequest
+    done_slices: set[int]
+    started: float
+    stats: Any
+    note: str = ""
+    before: np.ndarray | None = None  # preview before the run (one undo step after it)
+    records_before: dict[int, ObjectRecord] | None = None
+
+
 class MASAMWidget(Container):
-    """Dock widget: pick an image and a model, draw boxes or run automatically, commit.
+    """Dock widget: pick an image and a model, draw boxes or run automatically, commit, export.
 
     Parameters
     ----------
@@ -98,250 +136,125 @@ class MASAMWidget(Container):
     """
 
     def __init__(self, viewer: napari.viewer.Viewer) -> None:
-        super().__init__(labels=True, scrollable=False)
+        # scrollable: docked under other widgets (or a short screen) the panel scrolls instead
+        # of forcing its full height on the window, which would crop the canvas
+        super().__init__(labels=True, scrollable=True)
         self.viewer = viewer
         self._session: Any = None  # SegmentationSession, loaded on first run
         self._session_key: tuple | None = None
         self._worker: Any = None
+        self._export_worker: Any = None
+        self._run: _RunState | None = None
         self._stats: Any = None
-        self._run_info: dict[str, Any] = {}
         self._last_result: Any = None
         self._preview: Labels | None = None
         self._prompts: Shapes | None = None
+        self._preview_key: tuple | None = None
+        self._objects: dict[int, ObjectRecord] = {}
+        self._styles: dict[int, tuple[str, str]] = {}  # user-chosen (name, colour) per object
         self._preset_from_model = True
         self._setting_preset = False
-        self._model_note = ""
+        self._note = ""  # said with the next run's result (e.g. a 2-D layer mapped to a slice)
+        self._keyframe_masks: dict[int, dict[int, np.ndarray]] = {}  # user-fixed slices
+        self._undo_records: list[dict[int, ObjectRecord]] = []
+        self._ask_export_path: Callable[[str, str], str | None] = self._export_dialog
 
-        from napari.layers import Image, Labels
+        from napari.layers import Image, Labels, Points, Shapes
 
-        from .model.registry import DEFAULT_MODEL, MODEL_REGISTRY
-
-        self._Image, self._Labels = Image, Labels
-
-        # --- controls -------------------------------------------------------------------
-        self._image = ComboBox(
-            label="image",
-            choices=self._image_choices,
-            nullable=True,
-            tooltip="Image layer to segment: a (Z, Y, X) volume, a video (T, H, W, 3) or a 2D/RGB "
-            "picture. Slices/frames are axis 0.",
-        )
-        names = [DEFAULT_MODEL, *[n for n in MODEL_REGISTRY if n != DEFAULT_MODEL]]
-        self._model = ComboBox(
-            label="model",
-            choices=[*names, CHECKPOINT_CHOICE],
-            value=DEFAULT_MODEL,
-            tooltip="Model: "
-            + "; ".join(f"{n}: {MODEL_REGISTRY[n].description}" for n in names)
-            + f"; {CHECKPOINT_CHOICE}: a napari-masam .safetensors file, or a SAM base "
-            "checkpoint + the authors' MA-SAM adapter checkpoint.",
-        )
-        self._checkpoint = FileEdit(
-            label="checkpoint",
-            mode="r",
-            filter="Checkpoints (*.safetensors *.pth *.pt *.ckpt)",
-            nullable=True,
-            tooltip="Our single-file .safetensors checkpoint, or the SAM base checkpoint "
-            "(sam_vit_b/l/h_*.pth) of an MA-SAM pair.",
-        )
-        self._masam_checkpoint = FileEdit(
-            label="MA-SAM adapters",
-            mode="r",
-            filter="Checkpoints (*.pth *.pt *.safetensors)",
-            nullable=True,
-            tooltip="Optional: the authors' MA-SAM checkpoint (adapters, FacT, decoder) that goes "
-            "with the SAM base checkpoint above. Leave empty for our single-file format.",
-        )
+        self._Image, self._Labels, self._Shapes, self._Points = Image, Labels, Shapes, Points
         from . import _worker
 
         _worker.guard_gl_llvm_clash()  # before anything can import torchvision (see there)
-        from .devices import available_devices  # imports torch: only when the widget opens
-
-        self._device = ComboBox(
-            label="device",
-            choices=available_devices(),
-            value="auto",
-            tooltip="Where the model runs; only devices present on this machine are listed. "
-            "auto = CUDA, then Apple MPS, then CPU.",
-        )
-        from .preprocess import INTENSITY_PRESETS
-
-        self._preset = ComboBox(
-            label="intensity",
-            choices=[MODEL_DEFAULT_PRESET, *INTENSITY_PRESETS, CUSTOM_CT_PRESET],
-            value=MODEL_DEFAULT_PRESET,
-            tooltip="Intensity normalisation. Filled with the model's training preset when the "
-            "model loads; change it to use another CT window (HU) or MRI/min-max scaling.",
-        )
-        self._level = FloatSpinBox(
-            label="CT level (HU)",
-            value=40.0,
-            min=-2000.0,
-            max=4000.0,
-            step=10.0,
-            visible=False,
-            tooltip="Centre of the custom CT window in Hounsfield units.",
-        )
-        self._width = FloatSpinBox(
-            label="CT width (HU)",
-            value=400.0,
-            min=1.0,
-            max=8000.0,
-            step=10.0,
-            visible=False,
-            tooltip="Width of the custom CT window in Hounsfield units.",
-        )
-        self._mode = RadioButtons(
-            label="mode",
-            choices=_MODES,
-            value="boxes",
-            orientation="horizontal",
-            tooltip="boxes: draw rectangles in the 'prompts' layer on a few slices (keyframes are "
-            "interpolated), one object per object id. automatic: every class of the model, no "
-            "prompts (needs a model with a class head, e.g. an MA-SAM checkpoint).",
-        )
-        self._stride = SpinBox(
-            label="stride",
-            value=1,
-            min=1,
-            max=64,
-            visible=False,
-            tooltip="Automatic mode: step between the first slices of consecutive slice groups. "
-            "1 = every slice in every position (best), larger = faster; at most the model's "
-            "slices per group (5 for MA-SAM).",
-        )
-        self._prompts_btn = PushButton(
-            text="Add prompts layer",
-            tooltip="Create (or select) the 'prompts' Shapes layer over the image, in rectangle "
-            "mode. Draw a box around the object on a few slices; slices between are interpolated.",
-        )
-        self._object = SpinBox(
-            label="object id",
-            value=1,
-            min=1,
-            max=254,
-            tooltip="Object id of the next rectangles you draw (Alt-N: next object). Rectangles "
-            "with the same id on different slices are keyframes of one object.",
-        )
-        self._target = ComboBox(
-            label="commit to",
-            choices=self._target_choices,
-            tooltip="Where Commit writes the preview: a new Labels layer, or one of your Labels "
-            "layers (undoable with Ctrl+Z on that layer). Runs only ever write the preview layer.",
-        )
-        self._policy = ComboBox(
-            label="preserve",
-            choices=[(text, key) for key, text in _layers.COMMIT_POLICIES.items()],
-            value="keep",
-            visible=False,
-            tooltip="How Commit treats labels already in the target layer. replace these "
-            "labels, keep others: the result's own label values are replaced, other labels stay. overwrite: the "
-            "result wins everywhere it is foreground. only empty voxels: only background voxels "
-            "are written, nothing is removed. Always one undo step (Ctrl+Z).",
-        )
-        self._run_btn = PushButton(text="Run (Alt-R)", tooltip="Segment the image (Alt-R).")
-        self._cancel_btn = PushButton(
-            text="Cancel (Alt-C)",
-            enabled=False,
-            tooltip="Stop after the current slice (Alt-C); slices already done stay in the preview.",
-        )
-        self._commit_btn = PushButton(
-            text="Commit (Alt-M)",
-            enabled=False,
-            tooltip="Write the preview into the 'commit to' layer with the preserve policy (Alt-M).",
-        )
-        buttons = Container(
-            widgets=[self._run_btn, self._cancel_btn, self._commit_btn],
-            layout="horizontal",
-            labels=False,
-            label="",
-        )
-        self._progress = ProgressBar(
-            label="progress",
-            value=0,
-            min=0,
-            max=1,
-            tooltip="Slices finished in the current run.",
-        )
-        self._status = Label(
-            label="status", value="Ready. Pick an image and draw boxes, or switch to automatic."
-        )
-        self._status.tooltip = (
-            "What the widget is doing; speed (slices/s) and time left while running."
-        )
-        self._status.native.setWordWrap(True)
-        self._table = Table(
-            label="volumes",
-            visible=False,
-            tooltip="Per-label volume of the preview in mL, from the voxel spacing (layer scale, mm).",
-        )
-        self._table.native.setMaximumHeight(140)
-        self.extend(
-            [
-                self._image,
-                self._model,
-                self._checkpoint,
-                self._masam_checkpoint,
-                self._device,
-                self._preset,
-                self._level,
-                self._width,
-                self._mode,
-                self._stride,
-                self._prompts_btn,
-                self._object,
-                self._target,
-                self._policy,
-                buttons,
-                self._progress,
-                self._status,
-                self._table,
-            ]
-        )
-
-        # --- signals --------------------------------------------------------------------
-        self._model.changed.connect(self._on_model_changed)
-        self._device.changed.connect(lambda *_: self._mark_session_stale())
-        self._checkpoint.changed.connect(lambda *_: self._mark_session_stale())
-        self._masam_checkpoint.changed.connect(lambda *_: self._mark_session_stale())
-        self._preset.changed.connect(self._on_preset_changed)
-        self._mode.changed.connect(self._on_mode_changed)
-        self._target.changed.connect(self._on_target_changed)
-        self._object.changed.connect(self._on_object_changed)
-        self._prompts_btn.changed.connect(lambda *_: self.add_prompts_layer())
-        self._run_btn.changed.connect(lambda *_: self.run())
-        self._cancel_btn.changed.connect(lambda *_: self.cancel())
-        self._commit_btn.changed.connect(lambda *_: self.commit())
-        for event in ("inserted", "removed", "reordered", "moved"):
-            emitter = getattr(viewer.layers.events, event, None)
-            if emitter is not None:
-                emitter.connect(self._on_layers_changed)
+        self._c = build_controls(self._image_choices, self._target_choices, self._export_choices)
+        self._alias_controls()
+        self.extend(self._c.in_order())
+        self._objects_table = ObjectTable(self._rename_object, self._recolor_object)
+        self._objects_table.setVisible(False)
+        self._export_box = Container(widgets=self._c.export_row(), labels=True, label="")
+        self.native.layout().addWidget(self._objects_table)
+        self.native.layout().addWidget(self._export_box.native)
+        self._connect_signals()
         self._fit_width()
         self._bind_keys()
         self.native.destroyed.connect(self._unbind_keys_static(viewer))
         self._on_model_changed()
         self._on_layers_changed()
 
+    def _alias_controls(self) -> None:
+        c = self._c
+        self._image, self._model, self._model_note = c.image, c.model, c.model_note
+        self._checkpoint, self._masam_checkpoint = c.checkpoint, c.masam_checkpoint
+        self._device, self._preset, self._level, self._width = c.device, c.preset, c.level, c.width
+        self._mode, self._stride, self._prompts_btn, self._object = (
+            c.mode,
+            c.stride,
+            c.prompts_btn,
+            c.object,
+        )
+        self._propagate, self._first_slice, self._last_slice = (
+            c.propagate,
+            c.first_slice,
+            c.last_slice,
+        )
+        self._keyframe_btn, self._precompute_btn = c.keyframe_btn, c.precompute_btn
+        self._target, self._policy = c.target, c.policy
+        self._run_btn, self._cancel_btn, self._commit_btn = c.run_btn, c.cancel_btn, c.commit_btn
+        self._progress, self._status = c.progress, c.status
+        self._export_layer, self._export_format, self._export_btn = (
+            c.export_layer,
+            c.export_format,
+            c.export_btn,
+        )
+
+    def _connect_signals(self) -> None:
+        c = self._c
+        c.model.changed.connect(self._on_model_changed)
+        for control in (c.device, c.checkpoint, c.masam_checkpoint):
+            control.changed.connect(lambda *_: self._mark_session_stale())
+        c.preset.changed.connect(self._on_preset_changed)
+        c.mode.changed.connect(self._on_mode_changed)
+        c.target.changed.connect(self._on_target_changed)
+        c.object.changed.connect(self._on_object_changed)
+        c.image.changed.connect(self._on_image_changed)
+        c.export_layer.changed.connect(self._on_export_layer_changed)
+        c.propagate.changed.connect(self._on_mode_changed)
+        c.keyframe_btn.changed.connect(lambda *_: self.mark_keyframe())
+        c.precompute_btn.changed.connect(lambda *_: self.precompute())
+        c.prompts_btn.changed.connect(lambda *_: self.add_prompts_layer())
+        c.run_btn.changed.connect(lambda *_: self.run())
+        c.cancel_btn.changed.connect(lambda *_: self.cancel())
+        c.commit_btn.changed.connect(lambda *_: self.commit())
+        c.export_btn.changed.connect(lambda *_: self.export())
+        for event in ("inserted", "removed", "reordered", "moved"):
+            emitter = getattr(self.viewer.layers.events, event, None)
+            if emitter is not None:
+                emitter.connect(self._on_layers_changed)
+
     def _fit_width(self) -> None:
         """Let the dock's width, not the longest text, decide the layout (no side scrolling)."""
         from qtpy.QtCore import Qt
         from qtpy.QtWidgets import QComboBox, QScrollArea, QSizePolicy
 
-        for combo in self.native.findChildren(QComboBox):
-            combo.setSizeAdjustPolicy(
-                QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon
-            )
-            combo.setMinimumContentsLength(10)
-            combo.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Fixed)
-        self._status.native.setMinimumWidth(120)
-        self._status.native.setSizePolicy(
-            QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Preferred
-        )
-        self._table.native.setMinimumWidth(120)
+        for widget in (self.native, self._export_box.native):
+            for combo in widget.findChildren(QComboBox):
+                combo.setSizeAdjustPolicy(
+                    QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon
+                )
+                combo.setMinimumContentsLength(10)
+                combo.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Fixed)
+        for label in (self._status, self._model_note):
+            label.native.setMinimumWidth(120)
+            label.native.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Preferred)
+        for button in (self._checkpoint, self._masam_checkpoint):
+            with contextlib.suppress(AttributeError):
+                button.line_edit.native.setMinimumWidth(60)
         root = self.root_native_widget
         if isinstance(root, QScrollArea):
             root.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+            root.setWidgetResizable(True)
             root.setMinimumWidth(self.native.minimumSizeHint().width() + 20)
+            # a dock may be much shorter than the content: the content scrolls
+            root.setMinimumHeight(120)
 
     # ------------------------------------------------------------------ layer choices
     def _image_choices(self, _widget: Any = None) -> list[tuple[str, Any]]:
@@ -357,16 +270,32 @@ class MASAMWidget(Container):
         ]
         return [(NEW_LAYER_TARGET, NEW_LAYER_TARGET), *labels]
 
+    def _export_choices(self, _widget: Any = None) -> list[tuple[str, Any]]:
+        return [
+            (layer.name, layer) for layer in self.viewer.layers if isinstance(layer, self._Labels)
+        ]
+
+    def reset_choices(self, *_: Any) -> None:
+        """napari calls this on every layer change; magicgui rebuilds the mode buttons then, so
+        the automatic-mode state is applied again."""
+        super().reset_choices()
+        self._apply_automatic_support()
+
     def _on_layers_changed(self, event: Any = None) -> None:
         if self._preview is not None and self._preview not in self.viewer.layers:
             self._preview = None
+            self._objects.clear()
+            self._preview_key = None
+            self._show_objects()
         if self._prompts is not None and self._prompts not in self.viewer.layers:
             self._prompts = None
         self._image.reset_choices()
         self._target.reset_choices()
+        self._export_layer.reset_choices()
         if self._image.value is None and self._image.choices:
             self._image.value = self._image.choices[-1]
         self._on_target_changed()
+        self._on_export_layer_changed()
 
     # ------------------------------------------------------------------ control logic
     def _on_model_changed(self, *_: Any) -> None:
@@ -378,17 +307,51 @@ class MASAMWidget(Container):
         self._checkpoint.visible = needs_files
         self._masam_checkpoint.visible = needs_files
         if preset is not None and preset.needs_weights:
+            base = SAM_BASE_FILES.get(choice, "sam_vit_*.pth")
             self._checkpoint.label = "SAM checkpoint"
+            self._set_placeholder(self._checkpoint, f"Meta's SAM base file: {base}")
+            self._set_placeholder(self._masam_checkpoint, "the authors' MA-SAM checkpoint (.pth)")
         else:
             self._checkpoint.label = "checkpoint"
+            self._set_placeholder(
+                self._checkpoint, "napari-masam .safetensors, or a SAM base sam_vit_*.pth"
+            )
+            self._set_placeholder(self._masam_checkpoint, "only with a SAM base checkpoint")
         if self._preset_from_model:
             self._set_preset(MODEL_DEFAULT_PRESET)
         self._mark_session_stale()
+        self._apply_automatic_support()
+
+    @staticmethod
+    def _set_placeholder(file_edit: Any, text: str) -> None:
+        with contextlib.suppress(AttributeError):
+            file_edit.line_edit.native.setPlaceholderText(text)
+
+    def _apply_automatic_support(self) -> None:
+        """Say what automatic mode can do with the chosen model before any work starts."""
+        choice = self._model.value
+        support = automatic_support(choice)
+        note = automatic_note(choice)
+        session = self._session
+        loaded = session is not None and self._session_key == self._current_key()
+        if loaded and "automatic" not in _supported_modes(session.model):
+            support = "none"
+            note = (
+                f"{session.model.metadata.name} is box-prompted only (no class head): "
+                "automatic mode needs an MA-SAM checkpoint with classes."
+            )
+        if support == "checkpoint" and self._model.value in SAM_BASE_FILES:
+            note = (
+                f"Needs Meta's SAM base checkpoint {SAM_BASE_FILES[choice]} and the authors' "
+                "MA-SAM checkpoint (file pickers below)."
+            )
+        self._set_mode_enabled("automatic", support != "none", note if support == "none" else "")
+        self._model_note.value = note
+        self._model_note.visible = bool(note)
 
     def _mark_session_stale(self) -> None:
         if self._session is not None and self._session_key != self._current_key():
-            self._set_mode_enabled("automatic", True, "")
-            self._model_note = ""
+            self._apply_automatic_support()
 
     def _set_preset(self, value: str) -> None:
         self._setting_preset = True
@@ -409,13 +372,54 @@ class MASAMWidget(Container):
         self._stride.visible = automatic
         self._prompts_btn.visible = not automatic
         self._object.visible = not automatic
+        image = self._image.value
+        stacked = image is not None and self._n_slices(image) > 1
+        self._propagate.visible = not automatic and stacked
+        walking = self._propagate.visible and bool(self._propagate.value)
+        for control in (self._first_slice, self._last_slice, self._keyframe_btn):
+            control.visible = walking
+        if automatic and automatic_support(self._model.value) == "untrained":
+            self._set_status(automatic_note(self._model.value))
 
     def _on_target_changed(self, *_: Any) -> None:
         self._policy.visible = self._target.value not in (None, NEW_LAYER_TARGET)
 
     def _on_object_changed(self, *_: Any) -> None:
         if self._prompts is not None:
-            _layers.set_current_object(self._prompts, int(self._object.value))
+            obj = int(self._object.value)
+            _layers.set_current_object(self._prompts, obj, self._object_style(obj)[1])
+
+    @staticmethod
+    def _n_slices(image: Image) -> int:
+        try:
+            return _layers.stack_from_layer(image).n_slices
+        except (TypeError, ValueError):
+            return 1
+
+    def _on_image_changed(self, *_: Any) -> None:
+        image = self._image.value
+        if image is not None:
+            last = max(0, self._n_slices(image) - 1)
+            self._first_slice.max = last
+            self._last_slice.max = last
+            self._first_slice.value = 0
+            self._last_slice.value = last
+        self._on_mode_changed()
+        prompts = self._prompts
+        if prompts is not None and image is not None and not _layers.is_bound_to(prompts, image):
+            self._prompts = None  # the next run looks for this image's own prompts layer
+        self._on_export_layer_changed()
+
+    def _on_export_layer_changed(self, *_: Any) -> None:
+        layer = self._export_layer.value
+        image = self._image_for_labels(layer) if layer is not None else self._image.value
+        kind = source_kind(image) if image is not None else "plain"
+        formats = list(FORMATS_BY_SOURCE[kind])
+        if list(self._export_format.choices) != formats:
+            self._export_format.choices = []  # magicgui keeps old items first otherwise
+            self._export_format.choices = formats
+            self._export_format.value = formats[0]
+        self._export_btn.enabled = layer is not None
 
     def _set_mode_enabled(self, mode: str, enabled: bool, reason: str) -> None:
         """Grey out one mode's radio button (e.g. automatic for a box-only model)."""
@@ -426,7 +430,7 @@ class MASAMWidget(Container):
                 button.setEnabled(enabled)
                 button.setToolTip(reason)
         if not enabled and self._mode.value == mode:
-            others = [m for m in _MODES if m != mode]
+            others = [m for m in MODES if m != mode]
             self._mode.value = others[0]
 
     # ------------------------------------------------------------------ keyboard
@@ -456,15 +460,15 @@ class MASAMWidget(Container):
 
         return unbind
 
-    # ------------------------------------------------------------------ public actions
+    # ------------------------------------------------------------------ public state
     @property
     def is_running(self) -> bool:
-        """Whether a segmentation worker is running."""
-        return self._worker is not None
+        """Whether a segmentation or export worker is running."""
+        return self._worker is not None or self._export_worker is not None
 
     @property
     def worker(self) -> Any:
-        """The running :class:`napari_masam._worker.EngineWorker`, or None."""
+        """The running segmentation :class:`napari_masam._worker.EngineWorker`, or None."""
         return self._worker
 
     @property
@@ -481,6 +485,16 @@ class MASAMWidget(Container):
     def session(self) -> Any:
         """The loaded :class:`napari_masam.session.SegmentationSession`, or None."""
         return self._session
+
+    @property
+    def objects(self) -> dict[int, ObjectRecord]:
+        """The preview's objects (box mode) or classes (automatic mode), by label value."""
+        return dict(self._objects)
+
+    @property
+    def object_table(self) -> ObjectTable:
+        """The object table (names and colours editable)."""
+        return self._objects_table
 
     def set_session(self, session: Any) -> None:
         """Adopt an already loaded session for the current model/device selection.
@@ -511,30 +525,183 @@ class MASAMWidget(Container):
         self._checkpoint.value = Path(path)
         self._masam_checkpoint.value = None if masam_checkpoint is None else Path(masam_checkpoint)
         self._session, self._session_key = None, None
-        self._set_mode_enabled("automatic", True, "")
-        self._model_note = ""
+        self._apply_automatic_support()
 
+    # ------------------------------------------------------------------ prompts
     def add_prompts_layer(self) -> Shapes | None:
-        """Create (or select) the prompts Shapes layer over the chosen image, rectangle mode."""
+        """Create (or select) the chosen image's prompts Shapes layer, in rectangle mode."""
         image = self._image.value
         if image is None:
             self._error("Open an image first (File > Open, or File > Open Sample > napari-masam).")
             return None
-        if self._prompts is not None and self._prompts in self.viewer.layers:
-            self.viewer.layers.selection.active = self._prompts
-            self._prompts.mode = "add_rectangle"
+        existing = self._bound_prompts_layers(image)
+        if existing:
+            self._prompts = existing[-1]
+            self._bind_prompts_keys(self._prompts)
+            _layers.activate_for_drawing(self.viewer, self._prompts)
             return self._prompts
+        taken = {layer.name for layer in self.viewer.layers}
+        name = _layers.PROMPTS_LAYER_NAME
+        if name in taken:
+            name = f"{_layers.PROMPTS_LAYER_NAME} ({image.name})"
+        obj = int(self._object.value)
         try:
-            self._prompts = _layers.create_prompts_layer(
-                self.viewer, image, object_id=int(self._object.value)
-            )
+            self._prompts = _layers.create_prompts_layer(self.viewer, image, name, object_id=obj)
         except (TypeError, ValueError) as exc:
             self._error(str(exc))
             return None
+        _layers.set_current_object(self._prompts, obj, self._object_style(obj)[1])
+        self._bind_prompts_keys(self._prompts)
         self._set_status(
-            "Draw a rectangle around the object on a few slices (Alt-N: next object), then Run."
+            f"Draw a rectangle around the object on {image.name!r} (one slice is enough; more "
+            "slices are interpolated; Alt-N: next object), then Run."
         )
         return self._prompts
+
+    def _bound_prompts_layers(self, image: Image) -> list[Shapes]:
+        return [
+            layer
+            for layer in self.viewer.layers
+            if isinstance(layer, self._Shapes) and _layers.is_bound_to(layer, image)
+        ]
+
+    def _find_prompts_layer(self, image: Image) -> Shapes:
+        """The prompts layer of ``image`` (binding an unbound layer named 'prompts' to it).
+
+        Raises
+        ------
+        ValueError
+            No prompts for this image (says which image the existing prompts belong to, and
+            whether there are points this model cannot use).
+        """
+        active = self.viewer.layers.selection.active
+        bound = self._bound_prompts_layers(image)
+        if active in bound:
+            layer = active
+        elif self._prompts in bound:
+            layer = self._prompts
+        elif bound:
+            layer = bound[-1]
+        else:
+            layer = None
+            for candidate in self.viewer.layers:
+                if (
+                    isinstance(candidate, self._Shapes)
+                    and candidate.name == _layers.PROMPTS_LAYER_NAME
+                    and _layers.prompts_image(candidate) is None
+                ):
+                    _layers.bind_prompts(candidate, image)  # a hand-made layer: now this image's
+                    layer = candidate
+        if layer is None:
+            others = [
+                (candidate.name, _layers.prompts_image(candidate)["name"])
+                for candidate in self.viewer.layers
+                if isinstance(candidate, self._Shapes)
+                and _layers.prompts_image(candidate) is not None
+            ]
+            self._refuse_points(image)
+            if others:
+                where = "; ".join(f"{n!r} belongs to image {i!r}" for n, i in others)
+                raise ValueError(
+                    f"No prompts for image {image.name!r}: {where}. Prompts are never used on "
+                    f"another image: click 'Add prompts layer' to draw on {image.name!r}, or "
+                    "pick the image those prompts belong to."
+                )
+            raise ValueError(
+                "No boxes: click 'Add prompts layer' and draw a rectangle around the object "
+                "(or switch to automatic mode)."
+            )
+        if layer is not self._prompts:
+            self._bind_prompts_keys(layer)
+        self._prompts = layer
+        return layer
+
+    def _refuse_points(self, image: Image) -> None:
+        """Points are prompts only for models that take them; say so instead of "No boxes"."""
+        points = [
+            layer
+            for layer in self.viewer.layers
+            if isinstance(layer, self._Points) and len(layer.data)
+        ]
+        if not points:
+            return
+        model = self._model.value
+        session = self._session
+        if session is not None and self._session_key == self._current_key():
+            model = session.model.metadata.name
+            if getattr(session.model, "supports_points", False):
+                return
+        raise ValueError(
+            f"Points layer {points[0].name!r}: point prompts are not supported by model "
+            f"{model!r} (its decoder takes boxes only). Draw a rectangle around the object in "
+            f"a prompts layer instead ('Add prompts layer' for {image.name!r})."
+        )
+
+    def _bind_prompts_keys(self, layer: Shapes) -> None:
+        """Ctrl+Z in the prompts layer undoes the last run (the layer being drawn in stays
+        active, so the preview's own Ctrl+Z would not be reached)."""
+        ref = weakref.ref(self)
+
+        def undo_run(_layer: Any) -> None:
+            widget = ref()
+            if widget is not None:
+                widget.undo()
+
+        undo_run.__doc__ = "napari-masam: undo the last run"
+        with contextlib.suppress(ValueError, TypeError):
+            layer.bind_key("Control-Z", undo_run, overwrite=True)
+
+    def mark_keyframe(self) -> bool:
+        """Make the current object's mask on the slice on screen (as fixed with the brush in
+        the preview layer) a keyframe of its propagation; the next Run recomputes only the
+        slices that depend on it. Returns False when refused."""
+        preview, image = self._preview, self._image.value
+        if preview is None or preview not in self.viewer.layers or image is None:
+            self._error(
+                "No preview yet: run a segmentation, fix a slice with the brush, then mark it."
+            )
+            return False
+        obj = int(self._object.value)
+        if preview.data.ndim == 2:
+            z = 0
+            mask = np.asarray(preview.data) == obj
+        else:
+            point = np.asarray(self.viewer.dims.point, dtype=float)[-preview.ndim :]
+            z = int(np.round(preview.world_to_data(point)[0]))
+            if not 0 <= z < preview.data.shape[0]:
+                self._error(f"The slice on screen ({z}) is outside the preview.")
+                return False
+            mask = np.asarray(preview.data[z]) == obj
+        if not mask.any():
+            self._error(
+                f"Object {obj} has no voxels on slice {z}: paint it there with label {obj} in the "
+                f"preview layer (brush), or pick its object id, then mark the slice again."
+            )
+            return False
+        self._keyframe_masks.setdefault(obj, {})[z] = mask
+        self._set_status(
+            f"Slice {z} is now a keyframe of object {obj} ({int(mask.sum())} voxels): Run "
+            "recomputes only the slices that depend on it (Ctrl+Z in the prompts layer undoes)."
+        )
+        return True
+
+    def precompute(self) -> Any:
+        """Encode every slice of the chosen image in the background (embedding cache), so later
+        boxes run the decoder only. Returns the worker (None if not started)."""
+        if self._worker is not None:
+            self._set_status("Already running: cancel first (Alt-C).")
+            return None
+        try:
+            image = self._image.value
+            if image is None:
+                raise ValueError("No image layer: open a volume, video or picture first.")
+            info = _layers.stack_from_layer(image)
+            values = replace(self.control_values(), mode="automatic")
+            request = replace(request_from_controls(values, image, info), mode="precompute")
+        except (TypeError, ValueError, FileNotFoundError, ImportError) as exc:
+            self._error(str(exc))
+            return None
+        return self._start(request)
 
     def next_object(self) -> int:
         """Rectangles drawn next belong to a new object id; returns that id."""
@@ -542,285 +709,293 @@ class MASAMWidget(Container):
         self._set_status(f"Next rectangles are object {self._object.value}.")
         return int(self._object.value)
 
+    # ------------------------------------------------------------------ run
     def run(self) -> Any:
-        """Start a run with the current settings; returns the worker (None if not started)."""
+        """Start a run with the current settings; returns the worker (None if not started).
+
+        Box mode adds to the preview: objects whose boxes did not change since their last run
+        keep their voxels and are not recomputed; objects whose boxes were deleted leave it.
+        """
         if self._worker is not None:
             self._set_status("Already running: cancel first (Alt-C).")
             return None
         try:
-            job = self._prepare_job()
+            request = self._prepare_request()
         except (TypeError, ValueError, FileNotFoundError, ImportError) as exc:
             self._error(str(exc))
             return None
-        return self._start(job)
-
-    def cancel(self) -> None:
-        """Ask the running worker to stop after the slice in progress."""
-        if self._worker is None:
-            return
-        self._set_status("Cancelling after the current slice...")
-        self._cancel_btn.enabled = False
-        self._worker.quit()
-
-    def commit(self) -> Labels | None:
-        """Write the preview into the chosen target layer; returns the layer written."""
-        preview = self._preview
-        if self._worker is not None:
-            self._set_status("Wait for the run to finish (or cancel it) before committing.")
+        if request is None:
             return None
-        if preview is None or preview not in self.viewer.layers or not np.any(preview.data):
-            self._error("Nothing to commit: run a segmentation first.")
-            return None
-        target = self._target.value
-        info = self._run_info
-        if target in (None, NEW_LAYER_TARGET):
-            image_name = info.get("image_name", "image")
-            layer = self.viewer.add_labels(
-                np.array(preview.data, copy=True),
-                name=f"{image_name} labels",
-                scale=preview.scale,
-                translate=preview.translate,
-            )
-            _layers.copy_geometry(preview, layer)
-            names = preview.metadata.get("class_names", ())
-            colors = preview.metadata.get("class_colors", ())
-            if names:
-                _layers.set_label_classes(layer, names, colors)
-            self._target.reset_choices()
-            self._set_status(f"Committed to new layer {layer.name!r}.")
-            return layer
-        try:
-            changed = _layers.commit_labels(
-                target,
-                preview.data,
-                self._policy.value,
-                slices=info.get("slices"),
-                is_2d=bool(info.get("is_2d", False)),
-            )
-        except (TypeError, ValueError) as exc:
-            self._error(str(exc))
-            return None
-        if "class_names" in preview.metadata and not len(getattr(target.features, "columns", ())):
-            _layers.set_label_classes(
-                target, preview.metadata["class_names"], preview.metadata.get("class_colors", ())
-            )
-        self.viewer.layers.selection.active = target
-        self._set_status(
-            f"Committed {changed} voxels into {target.name!r} "
-            f"({self._policy.value}); Ctrl+Z on that layer undoes it."
-        )
-        return target
+        return self._start(request)
 
-    # ------------------------------------------------------------------ run internals
-    def _current_key(self) -> tuple:
+    def control_values(self) -> ControlValues:
+        """The run controls' current values."""
+        return self._c.values()
+
+    def _preview_identity(self, values: ControlValues, image: Image) -> tuple:
+        """Runs with the same identity add to one preview; another image/model/preset or mode
+        starts a new one."""
         return (
-            self._model.value,
-            str(_path_or_none(self._checkpoint.value)),
-            str(_path_or_none(self._masam_checkpoint.value)),
-            self._device.value,
+            str(image.unique_id),
+            values.model_key,
+            values.preset,
+            values.level,
+            values.width,
+            values.mode,
         )
 
-    def _model_source(self) -> tuple[Any, Path | None]:
-        from .model.registry import MODEL_REGISTRY
-
-        choice = self._model.value
-        checkpoint = _path_or_none(self._checkpoint.value)
-        adapters = _path_or_none(self._masam_checkpoint.value)
-        preset = MODEL_REGISTRY.get(choice)
-        if preset is not None and not preset.needs_weights:
-            return choice, None
-        if checkpoint is None:
-            what = (
-                f"{choice} needs the SAM base checkpoint (and the MA-SAM adapter checkpoint)"
-                if preset is not None
-                else "pick a checkpoint file"
-            )
-            raise ValueError(f"No checkpoint file: {what}. Use the 'checkpoint' file picker.")
-        for path in (checkpoint, adapters):
-            if path is not None and not path.is_file():
-                raise FileNotFoundError(f"Checkpoint file {str(path)!r} does not exist.")
-        return checkpoint, adapters
-
-    def _intensity_preset(self) -> Any:
-        from . import preprocess
-
-        value = self._preset.value
-        if value == MODEL_DEFAULT_PRESET:
-            return None
-        if value == CUSTOM_CT_PRESET:
-            return preprocess.custom_ct_preset(float(self._level.value), float(self._width.value))
-        return preprocess.INTENSITY_PRESETS[value]
-
-    def _prepare_job(self) -> dict[str, Any]:
-        """Collect the run configuration on the GUI thread (fast: no pixels are read)."""
+    def _prepare_request(self) -> RunRequest | None:
+        """Collect the run request on the GUI thread (fast: no pixels are read)."""
         image = self._image.value
         if image is None:
             raise ValueError("No image layer: open a volume, video or picture first.")
         info = _layers.stack_from_layer(image)
-        source, adapters = self._model_source()
-        mode = self._mode.value
-        job: dict[str, Any] = {
-            "image": image,
-            "info": info,
-            "mode": mode,
-            "key": self._current_key(),
-            "source": source,
-            "masam_checkpoint": adapters,
-            "device": self._device.value,
-            "preset": self._intensity_preset(),
-            "stride": int(self._stride.value),
+        values = self.control_values()
+        if values.mode == "automatic":
+            return request_from_controls(values, image, info)
+        propagate = values.propagate and info.n_slices > 1
+        boxes, note = self._boxes_for(image, info, interpolate=not propagate)
+        identity = self._preview_identity(values, image)
+        same_preview = identity == self._preview_key and self._preview is not None
+        records = self._objects if same_preview else {}
+        masks = self._keyframe_masks if propagate and same_preview else {}
+        probe = request_from_controls(values, image, info, boxes, masks=masks)
+        signatures = {
+            obj: prompts_signature(
+                boxes.get(obj, {}), probe.masks.get(obj), probe.slice_ranges.get(obj)
+            )
+            for obj in {*boxes, *probe.masks}
         }
-        if mode == "boxes":
-            prompts = self._find_prompts_layer()
-            if prompts is None or len(prompts.data) == 0:
-                raise ValueError(
-                    "No boxes: click 'Add prompts layer' and draw a rectangle around the object "
-                    "on one or more slices (or switch to automatic mode)."
-                )
-            boxes = self._boxes_from_prompts(prompts, image, info)
-            if not boxes:
-                raise ValueError(
-                    f"No rectangles inside the image in layer {prompts.name!r}: draw them with "
-                    "the rectangle tool over the image."
-                )
-            job["boxes"] = boxes
-            job["slices"] = sorted({int(z) for per_obj in boxes.values() for z in per_obj})
-        else:
-            job["slices"] = list(range(info.n_slices))
-        return job
-
-    def _find_prompts_layer(self) -> Shapes | None:
-        if self._prompts is not None and self._prompts in self.viewer.layers:
-            return self._prompts
-        from napari.layers import Shapes
-
-        for layer in self.viewer.layers:
-            if isinstance(layer, Shapes) and layer.name == _layers.PROMPTS_LAYER_NAME:
-                self._prompts = layer
-                return layer
-        return None
-
-    def _boxes_from_prompts(self, prompts: Shapes, image: Image, info: _layers.LayerStack) -> dict:
-        from .prompts import boxes_from_shapes
-
-        vertices, types, ids = _layers.rectangles_in_image_frame(prompts, image)
-        if not vertices:
-            return {}
-        return boxes_from_shapes(
-            vertices,
-            types,
-            object_ids=ids,
-            image_shape=(info.n_slices, *info.labels_shape[-2:]),
+        recompute, removed = changed_objects(records, signatures)
+        if removed and same_preview:
+            _layers.clear_objects(self._preview, removed)
+            for obj in removed:
+                self._objects.pop(obj, None)
+                self._keyframe_masks.pop(obj, None)
+            self._refresh_objects()
+        if not recompute:
+            self._set_status(
+                "Nothing changed since the last run: the preview is up to date"
+                + (f" ({len(removed)} deleted object(s) removed)." if removed else ".")
+            )
+            return None
+        self._note = note
+        if len(boxes) == 1 and propagate and sum(len(v) for v in boxes.values()) == 1:
+            self._note = (note + " " if note else "") + (
+                "One box is enough: the object is followed through the slices."
+            )
+        chosen_boxes = {k: boxes[k] for k in recompute if k in boxes}
+        chosen_masks = {k: probe.masks[k] for k in recompute if k in probe.masks}
+        if not propagate:
+            return request_from_controls(values, image, info, chosen_boxes)
+        # correction loop: objects whose keyframes were only added or changed recompute the
+        # slices that depend on them; the others (new, keyframe removed, range moved) whole
+        previous = None
+        changed: dict[int, tuple[int, ...]] = {}
+        if same_preview and records:
+            previous = np.array(self._preview.data, copy=True)
+            for obj in recompute:
+                old = records[obj].signature if obj in records else None
+                slices, whole = changed_keyframes(old, signatures[obj])
+                if whole:
+                    previous[previous == obj] = 0
+                    slices, _ = changed_keyframes(None, signatures[obj])
+                changed[obj] = slices
+        return request_from_controls(
+            values,
+            image,
+            info,
+            chosen_boxes,
+            masks=chosen_masks,
+            previous=previous,
+            changed=changed or None,
         )
 
-    def _ensure_preview(self, info: _layers.LayerStack, image: Image) -> Labels:
-        """Zeroed preview layer over ``image`` (reused when the shape matches)."""
+    def _boxes_for(
+        self, image: Image, info: _layers.LayerStack, *, interpolate: bool = True
+    ) -> tuple[dict, str]:
+        """All objects' per-slice boxes from the image's prompts layer (keyframes only when
+        ``interpolate`` is False), and a note for the status (2-D layer mapped to the slice
+        on screen, shapes skipped)."""
+        from .prompts import boxes_from_rectangles
+
+        prompts = self._find_prompts_layer(image)
+        found = _layers.shapes_in_image_frame(prompts, image, world_point=self.viewer.dims.point)
+        if not found.vertices_rc and not self._keyframe_masks:
+            self._refuse_points(image)
+            skipped = f" ({', '.join(found.skipped)} enclose no region)" if found.skipped else ""
+            raise ValueError(
+                f"No boxes in layer {prompts.name!r}{skipped}: draw a rectangle (or an ellipse "
+                "or polygon: its bounding box is used) around the object."
+            )
+        boxes = boxes_from_rectangles(
+            found.vertices_rc,
+            found.object_ids,
+            image_shape=(info.n_slices, *info.labels_shape[-2:]),
+            interpolate=interpolate,
+        )
+        if not boxes and not self._keyframe_masks:
+            raise ValueError(
+                f"No boxes inside image {image.name!r} in layer {prompts.name!r}: draw them over "
+                "the image."
+            )
+        notes = []
+        if found.mapped_slice is not None:
+            notes.append(
+                f"2-D layer {prompts.name!r}: its boxes are put on slice {found.mapped_slice} "
+                "(the slice on screen)."
+            )
+        if found.skipped:
+            notes.append(f"Skipped {len(found.skipped)} line/path shape(s).")
+        return boxes, " ".join(notes)
+
+    def _ensure_preview(self, request: RunRequest) -> Labels:
+        """The preview layer over the request's image; emptied when the preview identity
+        changed (another image, model, preset or mode), kept otherwise."""
+        info, image = request.info, request.image
+        identity = self._preview_identity(self.control_values(), image)
         preview = self._preview
         if preview is not None and preview in self.viewer.layers:
+            if tuple(preview.data.shape) == info.labels_shape and identity == self._preview_key:
+                return preview
             if tuple(preview.data.shape) == info.labels_shape:
                 preview.data[...] = 0
                 preview.scale = info.scale
                 preview.translate = info.translate
+                if info.units:
+                    preview.units = info.units
                 preview.refresh()
                 _layers.copy_geometry(image, preview)
+                preview.metadata[LABELS_IMAGE_KEY] = _layers.image_binding(image)
+                self._objects.clear()
+                self._preview_key = identity
                 return preview
             self.viewer.layers.remove(preview)
+        self._objects.clear()
         self._preview = _layers.new_labels_layer(self.viewer, info, _layers.PREVIEW_LAYER_NAME)
         _layers.copy_geometry(image, self._preview)
+        self._preview.metadata[LABELS_IMAGE_KEY] = _layers.image_binding(image)
         self._preview.opacity = 0.6
+        self._preview_key = identity
         self._target.reset_choices()
+        self._export_layer.reset_choices()
         return self._preview
 
-    def _start(self, job: dict[str, Any]) -> Any:
+    def _start(self, request: RunRequest) -> Any:
         from . import _worker
 
-        info: _layers.LayerStack = job["info"]
-        preview = self._ensure_preview(info, job["image"])
-        self._table.visible = False
-        self._run_info = {
-            "image_name": job["image"].name,
-            "is_2d": info.is_2d,
-            "mode": job["mode"],
-            "slices": set(),
-            "planned": job["slices"],
-            "spacing": info.spacing_zyx,
-            "is_volume": info.is_volume,
-            "started": time.perf_counter(),
-        }
-        self._stats = _worker.RunStats(total=len(job["slices"]))
-        self._progress.max = max(1, len(job["slices"]))
+        precompute = request.mode == "precompute"
+        preview = None if precompute else self._ensure_preview(request)
+        self._stats = _worker.RunStats(total=len(request.slices))
+        note, self._note = self._note, ""
+        self._run = _RunState(request, set(), time.perf_counter(), self._stats, note)
+        if preview is not None:
+            self._run.before = np.array(preview.data, copy=True)
+            self._run.records_before = dict(self._objects)
+        self._progress.max = max(1, len(request.slices))
         self._progress.value = 0
         # the worker gets a snapshot: it never touches the widget's session itself
-        job["session"] = self._session if self._session_key == job["key"] else None
-        self._set_status("Loading the model..." if job["session"] is None else "Running...")
+        session = self._session if self._session_key == request.model_key else None
+        if session is None:
+            self._set_status("Loading the model...")
+        elif request.mode == "boxes":
+            ids = set(request.boxes) | set(request.masks)
+            kept = len(set(self._objects) - ids)
+            self._set_status(
+                f"Running {len(ids)} object(s)"
+                + (" (propagating)" if request.propagate else "")
+                + (f"; {kept} unchanged object(s) kept." if kept > 0 else "...")
+            )
+        elif precompute:
+            self._set_status("Precomputing embeddings...")
+        else:
+            self._set_status("Running...")
         self._run_btn.enabled = False
+        self._precompute_btn.enabled = False
         self._cancel_btn.enabled = True
         self._commit_btn.enabled = False
-        # the preview is not user work, but make the first streamed slices visible on top
-        preview.visible = True
-
-        self._worker = _worker.start_engine_worker(
-            lambda: self._engine_generator(job),
+        if preview is not None:
+            preview.visible = True
+        self._keep_prompts_active()
+        self._worker = _worker.start_worker(
+            lambda: self._engine_generator(request, session),
             on_progress=self._on_progress,
             on_returned=self._on_returned,
             on_errored=self._on_errored,
             on_finished=self._on_finished,
             on_aborted=self._on_aborted,
-            total=len(job["slices"]),
-            desc=f"MA-SAM {job['mode']}",
+            total=len(request.slices),
+            desc=f"MA-SAM {request.mode}",
         )
         return self._worker
 
-    def _engine_generator(self, job: dict[str, Any]) -> Any:
+    def _keep_prompts_active(self) -> None:
+        """Box mode: the prompts layer stays the active layer in drawing mode (the next drag
+        draws a box instead of panning or painting the preview)."""
+        prompts = self._prompts
+        if self._mode.value != "boxes" or prompts is None or prompts not in self.viewer.layers:
+            return
+        active = self.viewer.layers.selection.active
+        ours = active is None or active is self._preview or active is prompts
+        if ours and (active is not prompts or prompts.mode in ("pan_zoom", "transform")):
+            _layers.activate_for_drawing(self.viewer, prompts)
+
+    @staticmethod
+    def _engine_generator(request: RunRequest, session: Any) -> Any:
         """Runs in the worker thread: load the model if needed, then relay the engine.
 
         Touches no widget state: a newly loaded session goes to the GUI thread as a yielded
         :class:`SessionLoaded`, so a failed load leaves the previous working session in place.
         Finished slices stream into the preview, so the engine keeps no labels volume of its
-        own (``keep_labels=False``): one (Z, Y, X) volume in memory, not three.
+        own (``keep_labels=False``), except propagation, whose result is the whole labels
+        volume (the correction loop starts from the previous one).
         """
         from . import _worker
 
         _worker.import_core()
-        session = job["session"]
         if session is None:
             from .session import SegmentationSession
 
-            session = SegmentationSession.from_source(
-                job["source"], device=job["device"], masam_checkpoint=job["masam_checkpoint"]
-            )
-            yield SessionLoaded(session, job["key"])
-        model = session.model
-        info: _layers.LayerStack = job["info"]
-        extra: dict[str, Any] = {"keep_labels": False}
+            session = SegmentationSession.from_source(request.source, device=request.device)
+            yield SessionLoaded(session, request.model_key)
+        from .inference import check_mode
+
+        info = request.info
+        extra: dict[str, Any] = {"preset": request.preset}
         if getattr(session.device, "type", "cpu") == "cpu":
             # leave one core to the GUI thread: napari keeps drawing while the model runs
             extra["num_threads"] = gui_friendly_threads()
-        if job["mode"] == "automatic":
-            if not getattr(model, "supports_automatic", False):
-                raise ValueError(
-                    f"Model {model.metadata.name!r} is box-prompted only: it has no trained class "
-                    "head for automatic mode. Draw boxes (mode: boxes) or load an MA-SAM "
-                    "checkpoint with classes."
-                )
+        if request.mode == "precompute":
+            return (yield from session.iter_precompute(info.stack, windows="tiled", **extra))
+        if request.mode == "automatic":
+            check_mode(session.model, "automatic")
             engine = session.iter_automatic(
-                info.stack, preset=job["preset"], stride=job["stride"], **extra
+                info.stack, stride=request.stride, keep_labels=False, **extra
+            )
+        elif request.propagate:
+            check_mode(session.model, "propagate")
+            engine = session.iter_propagate(
+                info.stack,
+                dict(request.boxes),
+                masks=dict(request.masks) or None,
+                slice_ranges=dict(request.slice_ranges) or None,
+                previous=request.previous,
+                changed={k: list(v) for k, v in request.changed.items()} or None,
+                **extra,
             )
         else:
-            if not getattr(model, "supports_boxes", True):
-                raise ValueError(
-                    f"Model {model.metadata.name!r} takes no box prompts; use automatic mode."
-                )
-            engine = session.iter_boxes(info.stack, job["boxes"], preset=job["preset"], **extra)
+            check_mode(session.model, "boxes")
+            engine = session.iter_boxes(info.stack, dict(request.boxes), keep_labels=False, **extra)
         return (yield from engine)
 
     # ------------------------------------------------------------------ worker callbacks (GUI)
     def _on_progress(self, progress: Any) -> None:
         if isinstance(progress, SessionLoaded):
             self._session, self._session_key = progress.session, progress.key
+            self._set_status("Model loaded; running...")
             return
-        stats = self._stats
-        if stats is None:
+        stats, run = self._stats, self._run
+        if stats is None or run is None:
             return
         stats.done = int(getattr(progress, "done", stats.done) or 0)
         stats.total = int(getattr(progress, "total", 0) or stats.total)
@@ -830,53 +1005,157 @@ class MASAMWidget(Container):
         preview = self._preview
         if labels_slice is not None and preview is not None and preview in self.viewer.layers:
             z = int(progress.slice_index)
-            _layers.write_slice(
-                preview,
-                z,
-                labels_slice,
-                is_2d=self._run_info.get("is_2d", False),
-                dims=self.viewer.dims,
-            )
-            self._run_info["slices"].add(z)
+            if run.request.propagate:  # complete labels of the slice (all objects)
+                _layers.write_slice(
+                    preview, z, labels_slice, is_2d=run.request.info.is_2d, dims=self.viewer.dims
+                )
+            elif run.request.mode == "boxes":
+                _layers.write_objects_slice(
+                    preview,
+                    z,
+                    labels_slice,
+                    run.request.object_ids,
+                    is_2d=run.request.info.is_2d,
+                    dims=self.viewer.dims,
+                )
+            else:
+                _layers.write_slice(
+                    preview, z, labels_slice, is_2d=run.request.info.is_2d, dims=self.viewer.dims
+                )
+            run.done_slices.add(z)
         self._progress.max = max(1, stats.total)
         self._progress.value = min(stats.done, self._progress.max)
         self._set_status(stats.describe(), log=False)
 
+    def _object_style(self, obj: int, default_name: str | None = None) -> tuple[str, str]:
+        """(name, colour) of label ``obj``: the user's choice, else the record's, else the
+        default (``object k`` and the palette colour)."""
+        if obj in self._styles:
+            return self._styles[obj]
+        if obj in self._objects:
+            return self._objects[obj].name, self._objects[obj].color
+        return default_name or f"object {obj}", _layers.object_color(obj)
+
     def _on_returned(self, result: Any) -> None:
-        if result is None:  # cancelled: the generator returned nothing
+        run = self._run
+        if result is None or run is None:  # cancelled: the generator returned nothing
+            return
+        request = run.request
+        if request.mode == "precompute":
+            seconds = time.perf_counter() - run.started
+            self._set_status(
+                f"Embeddings of {len(request.slices)} slices ready in {seconds:.1f} s: boxes on "
+                f"{request.image.name!r} now run the decoder only."
+            )
             return
         self._last_result = result
         preview = self._preview
-        info = self._run_info
-        if preview is not None and preview in self.viewer.layers:
-            # every finished slice already streamed into the preview (keep_labels=False)
-            labels = np.asarray(preview.data)
-            names, colors = _result_class_info(result, labels)
-            _layers.set_label_classes(preview, names, colors)
-            preview.refresh()
-            info["slices"].update(info.get("planned", ()))
-            self._update_volume_table(labels, names)
-        seconds = time.perf_counter() - info.get("started", time.perf_counter())
+        if preview is None or preview not in self.viewer.layers:
+            return
+        if request.propagate:
+            self._adopt_propagation(result, preview)
+        elif request.mode == "boxes":
+            for obj, per_slice in request.boxes.items():
+                old = self._objects.get(obj)
+                stale = set(old.slices if old else ()) - set(per_slice)
+                if stale:  # slices the object's new boxes no longer reach
+                    _layers.clear_objects(preview, [obj], stale)
+                name, color = self._object_style(obj)
+                self._objects[obj] = ObjectRecord(
+                    obj, name, color, prompts_signature(per_slice), tuple(sorted(per_slice))
+                )
+        else:
+            top = int(np.asarray(preview.data).max(initial=0))
+            names, colors = _result_class_info(result, np.asarray(preview.data))
+            self._objects = {
+                i: ObjectRecord(i, *self._styles.get(i, (names[i - 1], colors[i - 1])))
+                for i in range(1, max(top, len(names)) + 1)
+            }
+        self._refresh_objects()
+        seconds = time.perf_counter() - run.started
+        ids = set(request.boxes) | set(request.masks)
+        kept = len(set(self._objects) - ids) if request.mode == "boxes" else 0
+        covered = ""
+        if request.propagate:
+            extents = getattr(result, "extents", {}) or {}
+            covered = "; ".join(f"object {k}: slices {a}-{b}" for k, (a, b) in extents.items())
+        done = len(run.done_slices) if request.propagate else len(request.slices)
         self._set_status(
-            f"Done: {len(info.get('planned', ()))} slices in {seconds:.1f} s. "
-            "Commit (Alt-M) to keep the result."
+            f"Done: {done} slices in {seconds:.1f} s"
+            + (f" ({covered})" if covered else "")
+            + (f" ({kept} unchanged object(s) kept)" if kept > 0 else "")
+            + ". Commit (Alt-M) to keep the result."
+            + (f" {run.note}" if run.note else "")
         )
 
-    def _update_volume_table(self, labels: np.ndarray, names: Any) -> None:
-        if not self._run_info.get("is_volume"):
-            self._table.visible = False
+    def _adopt_propagation(self, result: Any, preview: Labels) -> None:
+        """Take a propagation result: the whole labels volume (previous voxels of other objects
+        kept by the engine), and a record per walked object."""
+        run = self._run
+        request = run.request
+        labels = getattr(result, "labels", None)
+        if labels is not None and tuple(labels.shape[-2:]) == tuple(preview.data.shape[-2:]):
+            data = np.asarray(labels)
+            preview.data[...] = data[0] if preview.data.ndim == 2 and data.ndim == 3 else data
+            preview.refresh()
+        extents = getattr(result, "extents", {}) or {}
+        for obj in set(request.boxes) | set(request.masks):
+            name, color = self._object_style(obj)
+            first, last = extents.get(obj, request.slice_ranges.get(obj, (0, -1)))
+            signature = prompts_signature(
+                request.boxes.get(obj, {}),
+                self._keyframe_masks.get(obj),
+                request.slice_ranges.get(obj),
+            )
+            self._objects[obj] = ObjectRecord(
+                obj, name, color, signature, tuple(range(int(first), int(last) + 1))
+            )
+
+    def _refresh_objects(self) -> None:
+        """Measure the objects in the preview, name/colour the preview, fill the table."""
+        preview = self._preview
+        if preview is None or preview not in self.viewer.layers or not self._objects:
+            self._show_objects()
             return
-        rows = _layers.volume_table(labels, self._run_info["spacing"], names)
-        if not rows:
-            self._table.visible = False
-            return
-        self._table.value = {
-            "data": [[r.name, str(r.voxels), f"{r.volume_ml:.3f}"] for r in rows],
-            "index": [str(r.label) for r in rows],
-            "columns": ["class", "voxels", "volume (mL)"],
-        }
-        self._table.read_only = True
-        self._table.visible = True
+        image = self._image_for_labels(preview)
+        info = _layers.stack_from_layer(image) if image is not None else None
+        spacing = info.spacing_zyx if info is not None and _is_physical(image, info) else None
+        sizes = measure(np.asarray(preview.data), self._objects, spacing)
+        for obj, (zs, voxels, ml) in sizes.items():
+            self._objects[obj] = replace(
+                self._objects[obj], covered=zs, voxels=voxels, volume_ml=ml
+            )
+        table = as_napari_table(self._objects)
+        _layers.set_label_classes(preview, table["names"], table["colors"])
+        preview.refresh()
+        self._show_objects()
+
+    def _show_objects(self) -> None:
+        self._objects_table.show_records(self._objects)
+
+    def _rename_object(self, obj: int, name: str) -> None:
+        record = self._objects[obj]
+        self._styles[obj] = (name, record.color)
+        self._objects[obj] = replace(record, name=name)
+        self._restyle()
+
+    def _recolor_object(self, obj: int, color: str) -> None:
+        record = self._objects[obj]
+        self._styles[obj] = (record.name, color)
+        self._objects[obj] = replace(record, color=color)
+        if self._prompts is not None and self._prompts in self.viewer.layers:
+            _layers.color_object_shapes(self._prompts, obj, color)
+            if obj == int(self._object.value):
+                _layers.set_current_object(self._prompts, obj, color)
+        self._restyle()
+
+    def _restyle(self) -> None:
+        preview = self._preview
+        if preview is not None and preview in self.viewer.layers and self._objects:
+            table = as_napari_table(self._objects)
+            _layers.set_label_classes(preview, table["names"], table["colors"])
+            preview.refresh()
+        self._show_objects()
 
     def _on_errored(self, exc: BaseException) -> None:
         message = str(exc) or type(exc).__name__
@@ -886,19 +1165,85 @@ class MASAMWidget(Container):
                 "or close other programs using the GPU."
             )
         logger.error("napari-masam run failed", exc_info=exc)
+        self._mark_partial()
         self._error(message)
 
+    def _mark_partial(self) -> None:
+        """After a cancel or error: objects of the run may be half updated; they keep their
+        names/colours and are recomputed by the next run (no signature)."""
+        run = self._run
+        if run is None or run.request.mode != "boxes":
+            return
+        for obj, per_slice in run.request.boxes.items():
+            old = self._objects.get(obj)
+            done = run.done_slices & set(per_slice)
+            if old is None and not done:
+                continue  # never reached the preview
+            name, color = self._object_style(obj)
+            slices = tuple(sorted(set(old.slices if old else ()) | done))
+            self._objects[obj] = ObjectRecord(obj, name, color, None, slices)
+        self._refresh_objects()
+
     def _on_aborted(self) -> None:
-        done = len(self._run_info.get("slices", ()))
-        self._set_status(f"Cancelled: {done} finished slices kept in the preview.")
+        run = self._run
+        done = len(run.done_slices) if run is not None else 0
+        self._mark_partial()
+        self._set_status(
+            f"Cancelled: {done} slice(s) of this run are in the preview; everything else from "
+            "earlier runs is kept."
+        )
 
     def _on_finished(self) -> None:
         self._worker = None
+        self._record_undo_step()
         self._run_btn.enabled = True
+        self._precompute_btn.enabled = True
         self._cancel_btn.enabled = False
         preview = self._preview
         self._commit_btn.enabled = preview is not None and preview in self.viewer.layers
         self._sync_model()
+        self._keep_prompts_active()
+
+    def _record_undo_step(self) -> None:
+        """Turn what the run wrote into the preview into ONE undo step of the preview layer
+        (streaming writes bypass napari's history), and remember the objects before it."""
+        run, preview = self._run, self._preview
+        if (
+            run is None
+            or run.before is None
+            or preview is None
+            or preview not in self.viewer.layers
+        ):
+            return
+        before = run.before
+        run.before = None
+        if before.shape != preview.data.shape:
+            return
+        after = np.array(preview.data, copy=True)
+        where = np.nonzero(after != before)
+        if not where[0].size:
+            return
+        preview.data[...] = before
+        with preview.block_history():
+            preview.data_setitem(where, after[where], refresh=False)
+        preview.refresh()
+        self._undo_records.append(run.records_before or {})
+        del self._undo_records[:-8]  # napari keeps a bounded history too
+
+    def undo(self) -> bool:
+        """Restore the preview (and its objects) as they were before the last run.
+
+        Bound to Ctrl+Z in the prompts layer. Returns False when there is nothing to undo.
+        """
+        preview = self._preview
+        if self._worker is not None or preview is None or not self._undo_records:
+            self._set_status("Nothing to undo.")
+            return False
+        preview.undo()
+        self._objects = self._undo_records.pop()
+        self._refresh_objects()
+        self._set_status("Undone: the preview is back to before the last run.")
+        return True
 
     def _sync_model(self) -> None:
         """After a load: grey out unsupported modes, fill the intensity preset from metadata."""
@@ -908,19 +1253,207 @@ class MASAMWidget(Container):
         model = session.model
         # the engine takes strides 1..D (each slice must stay in some window)
         self._stride.max = max(1, int(getattr(model, "slices_per_group", 1)))
-        if not getattr(model, "supports_automatic", True):
-            self._set_mode_enabled(
-                "automatic",
-                False,
-                f"{model.metadata.name} is box-prompted only (no class head): automatic mode needs "
-                "an MA-SAM checkpoint with classes.",
-            )
-        else:
-            self._set_mode_enabled("automatic", True, "")
+        self._apply_automatic_support()
         preset_name = getattr(model.metadata, "intensity_preset", None)
         if self._preset_from_model and preset_name in self._preset.choices:
             self._set_preset(preset_name)
             self._preset_from_model = True  # still follows the model until the user picks
+
+    def cancel(self) -> None:
+        """Ask the running worker to stop after the slice in progress."""
+        if self._worker is None:
+            return
+        self._set_status("Cancelling after the current slice...")
+        self._cancel_btn.enabled = False
+        self._worker.quit()
+
+    # ------------------------------------------------------------------ commit
+    def _classes_of_preview(self) -> dict[int, tuple[str, str]]:
+        values = np.unique(np.asarray(self._preview.data)) if self._preview is not None else []
+        return {int(v): self._object_style(int(v)) for v in values if v != 0}
+
+    def commit(self) -> Labels | None:
+        """Write the preview into the chosen target layer; returns the layer written.
+
+        Object names and colours go with it: a new layer gets all of them, an existing layer
+        keeps its own classes and gets the committed objects' names and colours added.
+        """
+        preview = self._preview
+        if self._worker is not None:
+            self._set_status("Wait for the run to finish (or cancel it) before committing.")
+            return None
+        if preview is None or preview not in self.viewer.layers or not np.any(preview.data):
+            self._error("Nothing to commit: run a segmentation first.")
+            return None
+        target = self._target.value
+        classes = self._classes_of_preview()
+        image = self._image_for_labels(preview)
+        if target in (None, NEW_LAYER_TARGET):
+            image_name = image.name if image is not None else "image"
+            kwargs: dict[str, Any] = {"units": preview.units}
+            layer = self.viewer.add_labels(
+                np.array(preview.data, copy=True),
+                name=f"{image_name} labels",
+                scale=preview.scale,
+                translate=preview.translate,
+                **kwargs,
+            )
+            _layers.copy_geometry(preview, layer)
+            if LABELS_IMAGE_KEY in preview.metadata:
+                layer.metadata[LABELS_IMAGE_KEY] = preview.metadata[LABELS_IMAGE_KEY]
+            _layers.merge_label_classes(layer, classes)
+            self._target.reset_choices()
+            self._export_layer.reset_choices()
+            self._export_layer.value = layer
+            self._set_status(f"Committed to new layer {layer.name!r}.")
+            self._keep_prompts_active()
+            return layer
+        slices = None
+        if self._objects and all(r.signature is not None for r in self._objects.values()):
+            slices = sorted({z for r in self._objects.values() for z in r.slices})
+        try:
+            changed = _layers.commit_labels(
+                target,
+                preview.data,
+                self._policy.value,
+                slices=slices,
+                is_2d=preview.data.ndim == 2,
+            )
+        except (TypeError, ValueError) as exc:
+            self._error(str(exc))
+            return None
+        _layers.merge_label_classes(target, classes)
+        target.refresh()
+        self._export_layer.value = target
+        self._set_status(
+            f"Committed {changed} voxels into {target.name!r} "
+            f"({self._policy.value}); Ctrl+Z on that layer undoes it."
+        )
+        return target
+
+    # ------------------------------------------------------------------ export
+    def _image_for_labels(self, labels: Any) -> Image | None:
+        """The image a Labels layer was made over: its recorded binding, else the chosen image
+        when the shapes agree, else the only image of that shape."""
+        if labels is None:
+            return None
+        images = [layer for layer in self.viewer.layers if isinstance(layer, self._Image)]
+        bound = labels.metadata.get(LABELS_IMAGE_KEY)
+        if isinstance(bound, dict):
+            for image in images:
+                if str(image.unique_id) == bound.get("id"):
+                    return image
+        shape = tuple(np.shape(labels.data))
+
+        def fits(image: Image) -> bool:
+            with contextlib.suppress(TypeError, ValueError):
+                return _layers.stack_from_layer(image).labels_shape == shape
+            return False
+
+        chosen = self._image.value
+        if chosen is not None and fits(chosen):
+            return chosen
+        fitting = [image for image in images if fits(image)]
+        return fitting[0] if len(fitting) == 1 else None
+
+    def _export_dialog(self, fmt: str, suggested: str) -> str | None:
+        """Ask where to write (a folder name for PNG masks); None when cancelled."""
+        from qtpy.QtWidgets import QFileDialog
+
+        if SUFFIXES[fmt] == "":
+            path, _ = QFileDialog.getSaveFileName(
+                self.native, "Export PNG masks into folder", suggested, "Folder (*)"
+            )
+        else:
+            suffix = SUFFIXES[fmt]
+            path, _ = QFileDialog.getSaveFileName(
+                self.native, f"Export labels as {fmt}", suggested, f"{fmt} (*{suffix})"
+            )
+        return path or None
+
+    def export(self, path: str | Path | None = None) -> Any:
+        """Write the chosen labels layer in the source image's format and grid.
+
+        Parameters
+        ----------
+        path : path-like, optional
+            Target file (folder for PNG masks); default: ask with a save dialog.
+
+        Returns
+        -------
+        Path or worker or None
+            The written path (NIfTI, TIFF: written at once), the export worker (PNG masks,
+            overlay mp4: written in a thread), or None when refused or cancelled.
+        """
+        layer = self._export_layer.value
+        fmt = self._export_format.value
+        if layer is None:
+            self._error("Nothing to export: commit a result or pick a Labels layer to export.")
+            return None
+        image = self._image_for_labels(layer)
+        if image is None:
+            self._error(
+                f"Cannot tell which image labels {layer.name!r} belong to (shape "
+                f"{tuple(np.shape(layer.data))}): pick that image in the 'image' drop-down."
+            )
+            return None
+        if path is None:
+            suggested = f"{layer.name.replace(' ', '_')}{SUFFIXES[fmt]}"
+            path = self._ask_export_path(fmt, suggested)
+            if not path:
+                return None
+        try:
+            request = export_request(layer, image, fmt, path)
+        except (TypeError, ValueError) as exc:
+            self._error(str(exc))
+            return None
+        if SUFFIXES[fmt] in (".nii.gz", ".tif"):
+            from .inference import run as drain
+
+            try:
+                written = drain(iter_export(request))
+            except (OSError, TypeError, ValueError) as exc:
+                self._error(f"Export failed: {exc}")
+                return None
+            self._set_status(f"Exported {layer.name!r} to {written}.")
+            return written
+        return self._start_export(request, layer.name)
+
+    def _start_export(self, request: Any, name: str) -> Any:
+        from . import _worker
+
+        total = int(request.labels.shape[0]) if request.labels.ndim == 3 else 1
+        self._export_btn.enabled = False
+        self._set_status(f"Exporting {name!r} as {request.fmt}...")
+
+        def progress(done: int) -> None:
+            self._set_status(f"Exporting {name!r}: {done}/{total} frames", log=False)
+
+        def returned(path: Any) -> None:
+            self._set_status(f"Exported {name!r} to {path}.")
+
+        def errored(exc: BaseException) -> None:
+            logger.error("napari-masam export failed", exc_info=exc)
+            self._error(f"Export failed: {exc}")
+
+        def finished() -> None:
+            self._export_worker = None
+            self._export_btn.enabled = self._export_layer.value is not None
+
+        self._export_worker = _worker.start_worker(
+            lambda: iter_export(request),
+            on_progress=progress,
+            on_returned=returned,
+            on_errored=errored,
+            on_finished=finished,
+            total=total,
+            desc=f"Export {request.fmt}",
+        )
+        return self._export_worker
+
+    # ------------------------------------------------------------------ run internals
+    def _current_key(self) -> tuple:
+        return self.control_values().model_key
 
     # ------------------------------------------------------------------ messages
     def _set_status(self, text: str, *, log: bool = True) -> None:
@@ -965,6 +1498,23 @@ def _result_class_info(result: Any, labels: np.ndarray) -> tuple[list[str], list
             [color_by_id.get(i, _layers.object_color(i)) for i in range(1, top + 1)],
         )
     return _layers.class_info_or_default(names, colors, range(top + 1))
+
+
+def _is_physical(image: Any, info: _layers.LayerStack) -> bool:
+    """Whether volumes in mL make sense: a grey volume whose spacing is in mm (our reader's
+    ``physical_unit``; else napari's layer units)."""
+    if not info.is_volume:
+        return False
+    if "physical_unit" in image.metadata:
+        return image.metadata["physical_unit"] == "mm"
+    return bool(info.units) and all(u in ("millimeter", "mm") for u in info.units)
+
+
+def _supported_modes(model: Any) -> tuple[str, ...]:
+    """The engine's one "can this model run this mode" answer (imports the core lazily)."""
+    from .inference import supported_modes
+
+    return supported_modes(model)
 
 
 def _is_out_of_memory(exc: BaseException) -> bool:

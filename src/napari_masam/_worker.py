@@ -145,7 +145,7 @@ def _drive(prepare: Callable[[], Generator[Any, None, Any]]) -> Generator[Any, N
     return result
 
 
-def start_engine_worker(
+def start_worker(
     prepare: Callable[[], Generator[Any, None, Any]],
     *,
     on_progress: Callable[[Any], None],
@@ -156,7 +156,8 @@ def start_engine_worker(
     total: int = 0,
     desc: str = "MA-SAM",
 ) -> EngineWorker:
-    """Start ``prepare()``'s generator in napari's thread worker.
+    """Start ``prepare()``'s generator in napari's thread worker (the one wrapper of both
+    widgets: segmentation runs, exports, fine-tuning).
 
     Parameters
     ----------
@@ -174,7 +175,9 @@ def start_engine_worker(
     on_aborted : callable, optional
         Called on the GUI thread after a cancel took effect.
     total : int
-        Expected number of slices, for napari's activity progress bar (0 = unknown).
+        Expected number of steps, for napari's activity progress bar (0 = unknown). Progress
+        items with ``done``/``total`` attributes (the engine's ``Progress``), or plain ints
+        (steps done), move that bar.
     desc : str
         Description in napari's activity dock.
 
@@ -209,9 +212,16 @@ def start_engine_worker(
     return worker
 
 
+#: The name the segmentation widget used first; same function.
+start_engine_worker = start_worker
+
+
 def _update_pbar(pbar: Any, progress: Any) -> None:
-    done = int(getattr(progress, "done", 0) or 0)
-    total = int(getattr(progress, "total", 0) or 0)
+    if isinstance(progress, int):
+        done, total = progress, 0
+    else:
+        done = int(getattr(progress, "done", 0) or 0)
+        total = int(getattr(progress, "total", 0) or 0)
     if total and total != pbar.total:
         pbar.total = total
     if done > pbar.n:

@@ -134,3 +134,74 @@ def test_stack_from_layer_rejects_wrong_layers() -> None:
         _layers.stack_from_layer(Labels(np.zeros((3, 4, 4), np.uint8)))
     with pytest.raises(ValueError, match="Split"):
         _layers.stack_from_layer(Image(np.zeros((2, 3, 4, 5), np.float32)))
+
+
+def test_shapes_become_boxes_in_the_image_pixel_frame() -> None:
+    """Rectangle, ellipse and polygon -> their bounding box in the image's pixels, through a
+    prompts layer with another scale and translate than the image (world -> data mapping)."""
+    from napari.layers import Shapes
+
+    image = Image(np.zeros((5, 40, 50), np.float32), scale=(3.0, 0.5, 2.0), translate=(6, -4, 10))
+    shapes = Shapes(ndim=3, scale=(1.0, 1.0, 1.0))  # data = world here
+
+    def world(z, r, c):  # image pixel -> world, written independently of napari
+        return [z * 3.0 + 6, r * 0.5 - 4, c * 2.0 + 10]
+
+    rect = [world(1, 2, 3), world(1, 2, 13), world(1, 12, 13), world(1, 12, 3)]
+    ellipse = [world(2, 5, 5), world(2, 5, 25), world(2, 15, 25), world(2, 15, 5)]
+    polygon = [world(3, 10, 20), world(3, 30, 22), world(3, 20, 40), world(3, 12, 30)]
+    line = [world(4, 1, 1), world(4, 9, 9)]
+    shapes.add(
+        [np.array(rect), np.array(ellipse), np.array(polygon), np.array(line)],
+        shape_type=["rectangle", "ellipse", "polygon", "line"],
+    )
+    found = _layers.shapes_in_image_frame(shapes, image)
+    assert found.skipped == ("line",) and found.mapped_slice is None
+    assert found.object_ids == [1, 2, 3]
+    expected = [((1, 2, 3), (12, 13)), ((2, 5, 5), (15, 25)), ((3, 10, 20), (30, 40))]
+    for vertices, ((z, r0, c0), (r1, c1)) in zip(found.vertices_rc, expected, strict=True):
+        np.testing.assert_allclose(vertices[:, 0], z, atol=1e-6)
+        np.testing.assert_allclose(vertices[:, 1:].min(axis=0), [r0, c0], atol=1e-6)
+        np.testing.assert_allclose(vertices[:, 1:].max(axis=0), [r1, c1], atol=1e-6)
+
+
+def test_2d_shapes_over_a_volume_need_the_slice_on_screen() -> None:
+    from napari.layers import Shapes
+
+    image = Image(np.zeros((6, 20, 20), np.float32), scale=(2.0, 1.0, 1.0), translate=(-3, 0, 0))
+    shapes = Shapes([np.array([[2, 3], [2, 9], [8, 9], [8, 3]], float)], shape_type="rectangle")
+    with pytest.raises(ValueError, match="belong to no slice"):
+        _layers.shapes_in_image_frame(shapes, image)
+    # the viewer shows world z = 5 -> image slice (5 + 3) / 2 = 4
+    found = _layers.shapes_in_image_frame(shapes, image, world_point=(5.0, 0.0, 0.0))
+    assert found.mapped_slice == 4
+    np.testing.assert_allclose(found.vertices_rc[0][:, 0], 4)
+    np.testing.assert_allclose(found.vertices_rc[0][:, 1:].min(axis=0), [2, 3])
+
+
+def test_write_objects_slice_replaces_only_the_recomputed_objects() -> None:
+    layer = Labels(np.zeros((2, 4, 4), np.uint8))
+    layer.data[0] = [[1, 1, 2, 2], [1, 1, 2, 2], [3, 3, 0, 0], [0, 0, 0, 0]]
+    new = np.array([[0, 0, 0, 0], [0, 2, 2, 0], [0, 2, 2, 0], [0, 0, 0, 0]], np.uint8)
+    _layers.write_objects_slice(layer, 0, new, [2], is_2d=False)
+    expected = np.array([[1, 1, 0, 0], [1, 2, 2, 0], [3, 2, 2, 0], [0, 0, 0, 0]])
+    np.testing.assert_array_equal(layer.data[0], expected)
+    assert not layer.data[1].any()
+    _layers.clear_objects(layer, [1], slices=[0])
+    assert not (layer.data == 1).any() and (layer.data == 3).sum() == 1
+
+
+def test_merge_label_classes_keeps_existing_classes() -> None:
+    layer = Labels(np.zeros((3, 3), np.uint8))
+    _layers.set_label_classes(layer, ["skull", "brain"], ["#111111", "#222222"])
+    _layers.merge_label_classes(layer, {2: ("ventricle", "#00ff00"), 4: ("tumour", "#ff0000")})
+    assert list(layer.features["class_name"]) == [
+        "background",
+        "skull",
+        "ventricle",
+        "label 3",
+        "tumour",
+    ]
+    np.testing.assert_allclose(layer.colormap.map(2)[:3], [0, 1, 0])
+    np.testing.assert_allclose(layer.colormap.map(4)[:3], [1, 0, 0])
+    np.testing.assert_allclose(layer.colormap.map(1)[:3], [0x11 / 255] * 3)
