@@ -124,6 +124,10 @@ CLIPS = {
         n=24, codec="libvpx", options={"g": "6", "auto-alt-ref": "1", "lag-in-frames": "16"}
     ),
     "mpeg4.mov": dict(n=20, codec="mpeg4", options={"g": "4"}),
+    # MPEG-PS: open GOPs whose leading B-pictures a fresh decoder puts out after the I-picture,
+    # packets without byte positions; ASF: several packets share one position
+    "mpeg1_open_gop.mpg": dict(codec="mpeg1video", options={"g": "5", "bf": "2"}),
+    "wmv2.wmv": dict(codec="wmv2", options={"g": "6"}),
 }
 
 

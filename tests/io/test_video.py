@@ -29,6 +29,8 @@ CLIP_NAMES = [
     "vp9.webm",
     "vp8_altref.webm",
     "mpeg4.mov",
+    "mpeg1_open_gop.mpg",
+    "wmv2.wmv",
     # the pathological files of camera and phone recorders (tests/io/conftest.py)
     "pts_equal_dts.mp4",
     "count_lies.mp4",

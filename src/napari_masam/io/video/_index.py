@@ -60,6 +60,10 @@ class PacketTable:
         Whether each non-empty packet carries a frame (not discarded); with ``packet_pts``.
     source : str
         ``"sample-table"`` (the container's index) or ``"packet-scan"`` (one demuxing pass).
+    by_position : bool
+        Whether every packet that starts a GOP has a byte position no other packet shares, so
+        a seek can be checked by position (not so in MPEG-PS or ASF, whose packets share or
+        lack positions: those are read from the start to reach a GOP).
     """
 
     n_packets: int
@@ -70,6 +74,7 @@ class PacketTable:
     packet_pts: np.ndarray | None
     packet_keep: np.ndarray | None
     source: str
+    by_position: bool = True
 
     @property
     def n_gops(self) -> int:
@@ -94,6 +99,8 @@ def _table(
     pts: list[int] | None,
     source: str,
 ) -> PacketTable:
+    known = [p for p in pos if p != MISSING]
+    unique = len(set(known)) == len(known)
     key_ordinal, key_raw, key_pos, key_dts = [], [], [], []
     ordinal = 0
     for raw, (p, d, is_key, kept) in enumerate(zip(pos, dts, key, keep, strict=True)):
@@ -113,6 +120,7 @@ def _table(
         packet_pts=None if pts is None else as_i8(pts),
         packet_keep=None if pts is None else np.asarray(keep, dtype=bool),
         source=source,
+        by_position=unique and MISSING not in key_pos,
     )
 
 
@@ -151,15 +159,17 @@ def table_from_sample_table(stream: Any) -> PacketTable | None:
     first[0] = True  # GOP 0 starts at the first packet whatever its flags
     raw = np.flatnonzero(first)
     picked = [entries[int(present[r])] for r in raw]
+    key_pos = np.array([_value(e.pos) for e in picked], dtype=np.int64)
     return PacketTable(
         n_packets=int(keep.sum()),
         key_ordinal=ordinal[raw].astype(np.int64),
         key_raw=raw.astype(np.int64),
-        key_pos=np.array([_value(e.pos) for e in picked], dtype=np.int64),
+        key_pos=key_pos,
         key_dts=np.array([_ts(e.timestamp) for e in picked], dtype=np.int64),
         packet_pts=None,
         packet_keep=None,
         source="sample-table",
+        by_position=bool((key_pos != MISSING).all()),
     )
 
 

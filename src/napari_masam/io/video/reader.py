@@ -50,6 +50,7 @@ from typing import Any
 import av
 import numpy as np
 
+from ..formats import kind_of, suffixes_for
 from ._index import (
     MISSING,
     leading_pictures,
@@ -59,8 +60,8 @@ from ._index import (
 
 logger = logging.getLogger(__name__)
 
-#: File suffixes handled as video.
-VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v")
+#: File suffixes handled as video (from the package's one format table).
+VIDEO_SUFFIXES = suffixes_for("video")
 
 #: Default RGB frame cache budget.
 DEFAULT_CACHE_BYTES = 256 * 2**20
@@ -80,6 +81,8 @@ class _Session:
     count: int | None  # number of the next picture; None until the first keyframe picture
     pending: deque[Any] = field(default_factory=deque)
     ended: bool = False
+    start_pts: int = MISSING  # pts of the keyframe the decoder started at
+    leading_left: int = 0  # that GOP's leading pictures: undecodable without the GOP before
 
 
 class _Handles:
@@ -430,7 +433,13 @@ class VideoReader:
         target, dts = int(table.key_pos[k]), int(table.key_dts[k])
         if target != MISSING and self._pos_offset is not None:
             target += self._pos_offset
-        can_seek = k > 0 and target != MISSING and dts != MISSING and self._pos_offset is not None
+        can_seek = (
+            k > 0
+            and table.by_position
+            and target != MISSING
+            and dts != MISSING
+            and self._pos_offset is not None
+        )
         if can_seek:
             if container is None:
                 container = self._open_container()
@@ -441,9 +450,10 @@ class VideoReader:
                 for packet in packets:
                     self.stats["packets_read"] += 1
                     pos = packet.pos
-                    if packet.size == 0 or pos is None or pos < 0 or pos > target:
-                        break
-                    if pos == target:
+                    if packet.size == 0 or (pos is not None and pos > target):
+                        break  # the end, or past the keyframe: the seek landed too late
+                    # several packets can share a position (ASF, MPEG-PS): the dts tells
+                    if pos == target and packet.dts is not None and int(packet.dts) == dts:
                         return container, itertools.chain([packet], packets)
             except av.FFmpegError as exc:
                 logger.debug("%s: seek to GOP %d failed (%s)", self.path, k, exc)
@@ -499,6 +509,8 @@ class VideoReader:
             expect=k + 1 if k == 0 else k,
             count=0 if k == 0 else None,
         )
+        if k > 0:
+            session.start_pts, session.leading_left = self._gop(k)
         self._handles.session = session
         return session
 
@@ -546,6 +558,16 @@ class VideoReader:
     def _number(self, session: _Session, frame: Any) -> int | None:
         """The frame number of a decoder output, or None for a picture that has none."""
         table = self._table
+        if (
+            session.leading_left > 0
+            and not frame.key_frame
+            and frame.pts is not None
+            and int(frame.pts) < session.start_pts
+        ):
+            # a leading picture of the GOP we started at, decoded without its references;
+            # some decoders (MPEG-1/2) put it out after the keyframe picture
+            session.leading_left -= 1
+            return None
         j = session.expect
         if frame.key_frame and j < table.n_gops:
             match = None
@@ -821,8 +843,8 @@ def read_video(path: str | os.PathLike[str], **kwargs: Any) -> VideoReader:
 
 
 def is_video_path(path: str | os.PathLike[str]) -> bool:
-    """Whether the file suffix is one of :data:`VIDEO_SUFFIXES`."""
-    return str(path).lower().endswith(VIDEO_SUFFIXES)
+    """Whether the file suffix is one of :data:`VIDEO_SUFFIXES` (the format table's videos)."""
+    return kind_of(path) == "video"
 
 
 def as_dask_array(reader: VideoReader) -> Any:
