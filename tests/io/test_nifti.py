@@ -596,3 +596,17 @@ def test_folder_named_like_a_file_is_called_a_folder(tmp_path):
         read_tiff_stack(tmp_path / "stack.tif")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         read_nifti(tmp_path / "missing.nii.gz")
+
+
+def test_nifti2_dims_that_overflow_int64_are_refused(tmp_path):
+    hdr = nib.Nifti2Header()
+    hdr.set_data_shape((2**31, 2**31, 2**31))  # 2^93 voxels: wraps around in int64
+    hdr.set_data_dtype(np.uint8)
+    hdr["vox_offset"] = 544
+    (tmp_path / "huge.nii").write_bytes(hdr.binaryblock + b"\\0" * 4 + bytes(1000))
+    with pytest.raises(ValueError, match="truncated"):
+        read_nifti(tmp_path / "huge.nii")
+    with gzip.open(tmp_path / "huge.nii.gz", "wb") as fh:
+        fh.write(hdr.binaryblock + b"\\0" * 4 + bytes(1000))
+    with pytest.raises(ValueError, match="can hold at most"):
+        read_nifti(tmp_path / "huge.nii.gz")

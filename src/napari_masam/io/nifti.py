@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import gzip
 import logging
+import math
 import os
 import warnings
 import zlib
@@ -669,7 +670,8 @@ class _SliceView:
 
 
 def _nbytes(img: nib.Nifti1Image | nib.Nifti2Image) -> int:
-    return int(np.prod(img.shape, dtype=np.int64)) * img.get_data_dtype().itemsize
+    # Python integers: a NIfTI-2 header's 64-bit dims must not wrap around into a small number
+    return math.prod(int(s) for s in img.shape) * img.get_data_dtype().itemsize
 
 
 def _slope_inter(img: nib.Nifti1Image | nib.Nifti2Image) -> tuple[float, float]:
