@@ -158,12 +158,7 @@ def _train_job(job: TrainJob, stop: Any) -> Generator[Any, None, Any]:
     config, image_size = job.config, job.image_size
     if job.auto_size:
         sized = defaults_for_device(device.type)
-        config = dataclasses.replace(
-            config,
-            epochs=sized.epochs,
-            batch_size=sized.batch_size,
-            max_steps_per_epoch=sized.max_steps_per_epoch,
-        )
+        config = sized.apply(config)
         image_size = image_size or sized.image_size
     # read lazily held images (a video decodes here, not on the GUI thread)
     cases = [dataclasses.replace(c, image=np.asarray(c.image)) for c in job.cases]

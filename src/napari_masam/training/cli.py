@@ -176,12 +176,7 @@ def run_train(args: argparse.Namespace) -> int:
     )
     if not sized_by_hand:
         sized = defaults_for_device(device.type)
-        config = dataclasses.replace(
-            config,
-            epochs=sized.epochs,
-            batch_size=sized.batch_size,
-            max_steps_per_epoch=sized.max_steps_per_epoch,
-        )
+        config = sized.apply(config)
         image_size = image_size or sized.image_size
         if not args.quiet:
             sys.stderr.write(

@@ -24,21 +24,39 @@ class DeviceDefaults:
     epochs : int
     batch_size : int
     max_steps_per_epoch : int or None
+    poly_power : float or None
+        Decay exponent after the warm-up; None keeps the recipe's 7. A run of tens of steps
+        learns far more with a linear decay (1), see :class:`TrainingConfig`.
     """
 
     image_size: int | None
     epochs: int
     batch_size: int
     max_steps_per_epoch: int | None
+    poly_power: float | None = None
+
+    def apply(self, config: TrainingConfig) -> TrainingConfig:
+        """``config`` with this run size (epochs, batch, steps per epoch, decay)."""
+        changes: dict[str, Any] = {
+            "epochs": self.epochs,
+            "batch_size": self.batch_size,
+            "max_steps_per_epoch": self.max_steps_per_epoch,
+        }
+        if self.poly_power is not None:
+            changes["poly_power"] = self.poly_power
+        return dataclasses.replace(config, **changes)
 
 
-#: Defaults per device type. CPU numbers are measured (benchmarks/bench_training.py
-#: ``--cpu-step``): one MA-SAM-Lite step (forward + backward, D = 5 slices per group) costs
-#: about S^2 -- 128 px is ~4x cheaper than 256 px while TinyViT keeps its pretrained weights --
-#: so 5 epochs x 8 steps of one group is a run of minutes, not hours. GPUs keep the recipe's
-#: 256 px and full epochs.
+#: Defaults per device type. CPU numbers measured on this project's 2-core test machine, one
+#: thread (benchmarks/bench_training.py ``--cpu-step``): an MA-SAM-Lite optimiser step (forward
+#: + backward, D = 5 slices per group) takes 66 CPU-s at 256 px with batch 2 (the recipe's
+#: size: 20 epochs of such steps are hours) and 5.6 CPU-s at 128 px with batch 1, where
+#: TinyViT keeps its pretrained weights. 5 epochs x 8 steps at 128 px is ~4 min of compute
+#: (plus validation), with a linear decay so that 40 steps still learn. GPUs keep the recipe.
 DEVICE_DEFAULTS: dict[str, DeviceDefaults] = {
-    "cpu": DeviceDefaults(image_size=128, epochs=5, batch_size=1, max_steps_per_epoch=8),
+    "cpu": DeviceDefaults(
+        image_size=128, epochs=5, batch_size=1, max_steps_per_epoch=8, poly_power=1.0
+    ),
     "mps": DeviceDefaults(image_size=None, epochs=10, batch_size=2, max_steps_per_epoch=20),
     "cuda": DeviceDefaults(image_size=None, epochs=20, batch_size=2, max_steps_per_epoch=None),
 }
