@@ -56,20 +56,13 @@ def load_case(image_path: Path, atlas_path: Path) -> tuple[np.ndarray, np.ndarra
 
 
 def build_model(image_size: int, num_classes: int, seed: int):
-    """MA-SAM-Lite on the embedded LiteMedSAM weights, fed ``image_size`` px slices."""
-    import torch
+    """MA-SAM-Lite on the embedded LiteMedSAM weights, fed ``image_size`` px slices (the road
+    the widget and ``napari-masam train`` take: :func:`napari_masam.training.build_training_model`)."""
+    from napari_masam.training import build_training_model
 
-    from napari_masam.model.lite import LITEMEDSAM_ENCODER, build_lite_from_config
-
-    config = {
-        "kind": "masam-lite",
-        "image_size": image_size,
-        "encoder": dict(LITEMEDSAM_ENCODER, img_size=image_size),
-        "num_classes": num_classes,
-    }
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return build_lite_from_config("masam-lite", config, load_base_weights=True)
+    return build_training_model(
+        "masam-lite", num_classes, image_size=image_size, seed=seed, device="cpu"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -379,7 +379,12 @@ def load_checkpoint(path: PathLike, device: str | torch.device = "cpu") -> Segme
     if lines:
         raise CheckpointError(
             "\n".join(
-                [f"The tensors in {path} do not fit its own config ({header['kind']}):", *lines]
+                [
+                    f"The tensors in {path} do not fit its own config ({header['kind']}):",
+                    *lines,
+                    "Likely cause: the header was edited or the file was written by another "
+                    "tool or napari-masam version; re-save the model, or ask for the original.",
+                ]
             )
         )
     try:
