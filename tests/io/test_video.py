@@ -290,6 +290,8 @@ def test_lru_cache(clips):
     out = r[9]
     out[:] = 0  # callers get copies: the cache is not corrupted
     assert r[9].any()
+    r.cache_bytes = 2 * frame_bytes  # a smaller budget evicts at once
+    assert sorted(r._cache) == [8, 9] and r.cache_bytes == 2 * frame_bytes
 
 
 def test_dask_array_is_lazy(clips, decode_reference):

@@ -285,6 +285,20 @@ class VideoReader:
             out = np.empty((*indices.shape, self.height, self.width, 3), dtype=np.uint8)
         return out[(Ellipsis, *rest)] if rest else out
 
+    @property
+    def cache_bytes(self) -> int:
+        """Budget of the decoded-frame cache in bytes; settable (a smaller one evicts now)."""
+        return self._cache_bytes
+
+    @cache_bytes.setter
+    def cache_bytes(self, value: int) -> None:
+        with self._lock:
+            self._cache_bytes = max(0, int(value))
+            total = sum(a.nbytes for a in self._cache.values())
+            while total > self._cache_bytes and self._cache:
+                _, old = self._cache.popitem(last=False)
+                total -= old.nbytes
+
     # ------------------------------------------------------------------------------ metadata
     @property
     def fps(self) -> float:
