@@ -188,6 +188,7 @@ def test_segment_folder_end_to_end(
         }
     ]
     assert side["output"]["digest"].startswith("sha256:")
+    assert side["model"]["backend"]["backend"] == "torch"  # MA-SAM stays on torch under "auto"
     assert side["input"]["sha256"] == batch.file_sha256(input_folder / "a_ras.nii.gz")
     assert side["mode"] == "auto" and side["preprocessing"]["slices_per_group"] == 5
     assert side["software"]["torch"] == torch.__version__.split("+")[0] or side["software"]["torch"]
@@ -323,7 +324,9 @@ def test_demo_end_to_end(
     from napari_masam.io.nifti import read_nifti
 
     out = tmp_path / "demo"
-    code, stdout, stderr = run_cli(capsys, "demo", "-o", out, "--device", "cpu", "--json", "-q")
+    code, stdout, stderr = run_cli(
+        capsys, "demo", "-o", out, "--device", "cpu", "--backend", "torch", "--json", "-q"
+    )
     assert code == 0, stderr
     summary = json.loads(stdout)
     labels_path = Path(summary["outputs"][0])
@@ -349,7 +352,9 @@ def test_demo_end_to_end(
         organs = np.isin(phantom.labels, cli.PHANTOM_DEMO_OBJECTS)
         dice = 2 * (organs & labels).sum() / (organs[labels.any(axis=(1, 2))].sum() + labels.sum())
         assert dice > 0.7, dice
-    code, stdout, _ = run_cli(capsys, "demo", "-o", out, "--device", "cpu", "--json", "-q")
+    code, stdout, _ = run_cli(
+        capsys, "demo", "-o", out, "--device", "cpu", "--backend", "torch", "--json", "-q"
+    )
     assert code == 0 and json.loads(stdout)["status"] == "skipped"
 
     # the README's next step: `segment` with the demo's box folder gives the same labels
@@ -363,6 +368,8 @@ def test_demo_end_to_end(
         tmp_path / "seg",
         "--device",
         "cpu",
+        "--backend",
+        "torch",
         "--json",
         "-q",
     )
@@ -393,6 +400,7 @@ def test_users_own_output_is_kept_and_named(
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
+        (["--backend", "tensorrt"], "Unknown backend"),
         (["--preset", "no_such_preset"], "invalid choice"),
         (["--model", "litemedsam", "--sam-checkpoint", __file__], "litemedsam"),
         (["--checkpoint", "FOLDER"], "is a folder"),

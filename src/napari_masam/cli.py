@@ -229,6 +229,12 @@ def build_parser() -> argparse.ArgumentParser:
         "-o", "--output", default="napari-masam-demo", help="output folder (napari-masam-demo)"
     )
     demo.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
+    demo.add_argument(
+        "--backend",
+        type=_backend_argument,
+        default="auto",
+        help="inference backend (auto, torch, onnxruntime, openvino; see `segment --help`)",
+    )
     demo.add_argument("--overwrite", action="store_true", help="redo even if up to date")
     demo.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     demo.add_argument("--json", action="store_true", help="machine-readable summary on stdout")
@@ -242,6 +248,15 @@ def _preset_names() -> tuple[str, ...]:
     from .preprocess import INTENSITY_PRESETS
 
     return tuple(INTENSITY_PRESETS)
+
+
+def _backend_argument(value: str) -> str:
+    from .model.runtime import check_backend
+
+    try:
+        return check_backend(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _positive_float(value: str) -> float:
@@ -282,6 +297,7 @@ def _model_spec(args: argparse.Namespace) -> batch.ModelSpec:
             sam_checkpoint=args.sam_checkpoint,
             masam_checkpoint=args.masam_checkpoint,
             device=args.device,
+            backend=args.backend,
         )
     except (ValueError, FileNotFoundError) as exc:
         raise UsageError(str(exc)) from exc
@@ -307,6 +323,13 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
         "--masam-checkpoint", metavar="PATH", help="MA-SAM fine-tuned parts (with --sam-checkpoint)"
     )
     group.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda, mps")
+    group.add_argument(
+        "--backend",
+        type=_backend_argument,
+        default="auto",
+        help="inference backend: auto (a verified ONNX Runtime/OpenVINO export of LiteMedSAM on "
+        "the CPU when installed, else torch), torch, onnxruntime, openvino",
+    )
 
 
 def _add_train_parser(sub: Any) -> None:
@@ -576,6 +599,12 @@ def gather_info() -> dict[str, Any]:
         for preset in MODEL_REGISTRY.values()
     ]
     try:
+        from .model.runtime import available_backends
+
+        info["backends"] = available_backends()
+    except Exception as exc:  # info must work even where torch is broken
+        info["backends"] = [f"unavailable ({type(exc).__name__}: {exc})"]
+    try:
         from .devices import available_devices, resolve_device
 
         info["devices"] = {"available": available_devices(), "auto": str(resolve_device("auto"))}
@@ -630,6 +659,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         "fill it with `napari-masam precompute`)",
         file=out,
     )
+    print(f"Backends (--backend): {', '.join(info['backends'])}", file=out)
     print(f"Embedded weights: {info['embedded_weights']}", file=out)
     print(f"Sample data: {info['sample_data'] or 'not bundled (demo uses a phantom)'}", file=out)
     print(
@@ -742,7 +772,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     boxes = prepared.boxes
     stem = batch.input_stem(sample)
     config = batch.BatchConfig(
-        model=batch.ModelSpec(model=DEFAULT_MODEL, device=args.device),
+        model=batch.ModelSpec(model=DEFAULT_MODEL, device=args.device, backend=args.backend),
         output_dir=out,
         mode="boxes",
         boxes=boxes_path,

@@ -104,6 +104,8 @@ def match_record(
 
 
 def _model_record(session: SegmentationSession, holder: SessionHolder) -> object:
+    from ..model.runtime import backend_info
+
     model = session.model
     meta = model.metadata
     return canonical(
@@ -117,6 +119,7 @@ def _model_record(session: SegmentationSession, holder: SessionHolder) -> object
             "class_names": list(meta.class_names),
             "class_colors": list(meta.class_colors),
             "device": str(session.device),
+            "backend": backend_info(model).to_dict(),
         }
     )
 

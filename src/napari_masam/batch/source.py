@@ -29,6 +29,10 @@ class ModelSpec:
         ``masam_vit_b|l|h`` the preset is built from the pair and its backbone checked).
     device : str
         ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"``.
+    backend : str
+        Inference backend (:data:`napari_masam.model.runtime.BACKENDS`): ``"torch"`` (the
+        library default) or ``"auto"``/``"onnxruntime"``/``"openvino"``, which run a CPU
+        LiteMedSAM on that runtime (verified against torch; other models stay on torch).
     model_source : ModelSource
         The parsed source (derived; not an argument).
 
@@ -43,6 +47,7 @@ class ModelSpec:
     sam_checkpoint: str | Path | None = None
     masam_checkpoint: str | Path | None = None
     device: str = "auto"
+    backend: str = "torch"
     model_source: ModelSource = field(init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -55,9 +60,9 @@ class ModelSpec:
         object.__setattr__(self, "model_source", parsed)
 
     @classmethod
-    def of(cls, source: ModelSource, device: str = "auto") -> ModelSpec:
+    def of(cls, source: ModelSource, device: str = "auto", backend: str = "torch") -> ModelSpec:
         """A spec for an already parsed source."""
-        spec = cls(device=device)
+        spec = cls(device=device, backend=backend)
         object.__setattr__(spec, "model_source", source)
         return spec
 
@@ -67,8 +72,9 @@ class ModelSpec:
         return self.model_source.label
 
     def identity(self) -> dict[str, object]:
-        """JSON-able identity of the model (:meth:`ModelSource.identity`), for resume matching."""
-        return self.model_source.identity().to_dict()
+        """JSON-able identity of the model (:meth:`ModelSource.identity`) and the requested
+        backend, for resume matching."""
+        return {**self.model_source.identity().to_dict(), "backend": self.backend}
 
     def load(self, device: str | torch.device | None = None) -> SegmentationModel:
         """Build the model on ``device`` (default :attr:`device`).
@@ -81,7 +87,12 @@ class ModelSpec:
             warnings.filterwarnings(
                 "ignore", category=FutureWarning, message=r"Importing from timm\."
             )
-            return self.model_source.load(self.device if device is None else device)
+            model = self.model_source.load(self.device if device is None else device)
+        if self.backend == "torch":
+            return model
+        from ..model.runtime import with_backend
+
+        return with_backend(model, self.backend)
 
 
 __all__ = ["ModelSource", "ModelSpec"]
