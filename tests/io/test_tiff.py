@@ -103,3 +103,24 @@ def test_save_labels_like_tiff_image(tmp_path):
     np.testing.assert_allclose(back.spacing, image.spacing, rtol=1e-6)
     with pytest.raises(ValueError, match="not read from a NIfTI file"):
         save_labels_like(tmp_path / "cells_labels.nii.gz", labels, meta)
+
+
+def _tiff_claiming(path, width, height, compression):
+    """A real 16 x 16 TIFF whose width/height/rows-per-strip tags are then overwritten."""
+    tifffile.imwrite(path, np.zeros((16, 16), np.uint8), compression=compression)
+    with tifffile.TiffFile(path) as tf:
+        tags = tf.pages[0].tags
+        where = {code: tags.get(code).valueoffset for code in (256, 257, 278)}
+        assert all(tags.get(code).dtype == 4 for code in where)  # LONG values
+    blob = bytearray(path.read_bytes())
+    for code, value in ((256, width), (257, height), (278, height)):
+        blob[where[code] : where[code] + 4] = int(value).to_bytes(4, "little")
+    path.write_bytes(bytes(blob))
+    return path
+
+
+@pytest.mark.parametrize("compression", ["zlib", None])
+def test_tiff_tags_claiming_more_than_stored_are_refused(tmp_path, compression):
+    path = _tiff_claiming(tmp_path / "liar.tif", 60000, 60000, compression)
+    with pytest.raises(ValueError, match=r"60000 x 60000 uint8 pixels .* nothing was read"):
+        read_tiff_stack(path)

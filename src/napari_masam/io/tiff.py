@@ -16,6 +16,7 @@ pixels and no volume in mL can be given.
 from __future__ import annotations
 
 import logging
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -145,11 +146,12 @@ def read_tiff_stack(path: str | os.PathLike[str], as_labels: bool | None = None)
             res_unit_tag = page.tags.get("ResolutionUnit")
             res_unit = int(res_unit_tag.value) if res_unit_tag is not None else None
             shaped = dict(tf.shaped_metadata[0]) if tf.shaped_metadata else {}
+            _check_declared_size(path, series)
             try:
                 data = tifffile.memmap(path, mode="r", series=0)
             except Exception:  # compressed or not contiguous: read into memory
                 data = series.asarray()
-    except _NoSeriesError:
+    except (_NoSeriesError, _TooBigError):
         raise
     except Exception as exc:  # tifffile.TiffFileError, OSError, ...
         raise ValueError(
@@ -261,6 +263,35 @@ def write_tiff_stack(
 
 class _NoSeriesError(ValueError):
     pass
+
+
+class _TooBigError(ValueError):
+    pass
+
+
+#: Most bytes one stored byte can decode to, per TIFF compression code, where a bound exists:
+#: none (1), LZW (5: a 12-bit code stands for at most 4096 bytes), deflate (8, 32946: 1032:1),
+#: PackBits (32773: 2 bytes -> 128). Other codecs (zstd, lzma, JPEG, ...) have no useful bound.
+_MAX_DECODE_RATIO = {1: 1, 5: 4096 * 8 // 12, 8: 1032, 32946: 1032, 32773: 64}
+
+
+def _check_declared_size(path: Path, series: Any) -> None:
+    """Refuse a series whose tags declare more pixels than its stored bytes can decode to,
+    before any memory is allocated for it (untrusted sizes, issue 13.2)."""
+    pages = [p for p in series.pages if p is not None]
+    codes = {int(getattr(p, "compression", 1)) for p in pages}
+    if len(codes) != 1 or next(iter(codes)) not in _MAX_DECODE_RATIO:
+        return
+    ratio = _MAX_DECODE_RATIO[next(iter(codes))]
+    stored = sum(int(sum(getattr(p, "databytecounts", ()) or ())) for p in pages)
+    declared = math.prod(int(d) for d in series.shape) * np.dtype(series.dtype).itemsize
+    if declared > ratio * stored + 65536:
+        raise _TooBigError(
+            f"{path}: its tags declare {' x '.join(map(str, series.shape))} "
+            f"{np.dtype(series.dtype).name} pixels ({declared / 2**20:.1f} MiB), but the "
+            f"{stored} bytes it stores cannot decode to more than {ratio * stored / 2**20:.1f} MiB. "
+            "The file is damaged or truncated; nothing was read. Re-export it."
+        )
 
 
 def _imagej_order(axes: str) -> bool:
