@@ -184,7 +184,7 @@ class VideoReader:
         self._handles = _Handles()
         self._finalizer = weakref.finalize(self, self._handles.close)
         self._n: int | None = None
-        self._counting = False
+        self._counting = ""  # "", "fast" or "exact" (see _count_frames)
         self._pos_offset: int | None = None  # packet.pos minus the table's byte position
 
         container = self._open_container()
@@ -425,11 +425,11 @@ class VideoReader:
     def _open_container(self) -> Any:
         container = open_video_container(self.path, threads=self._threads)
         if self._counting:
+            stream = self._stream(container)
             # the count of pictures does not depend on deblocking or the inverse transform
-            self._stream(container).codec_context.options = {
-                "skip_loop_filter": "all",
-                "skip_idct": "all",
-            }
+            stream.codec_context.options = {"skip_loop_filter": "all", "skip_idct": "all"}
+            if self._counting == "fast":
+                stream.thread_type = "AUTO"
         return container
 
     def _stream(self, container: Any) -> Any:
@@ -696,25 +696,20 @@ class VideoReader:
         return rgb
 
     def _count_frames(self) -> int:
-        """Frames a sequential decode yields: the last GOP decoded to its end (no RGB)."""
+        """Frames a sequential decode yields: the last GOP decoded to its end (no RGB).
+
+        Counted first with frame threads (fast); those lose pictures only where data is
+        damaged, so a count short of the packets is redone the plain way.
+        """
         table = self._table
         k = table.n_gops - 1
         if table.gop_packets(k) + self._gop(k)[1] > MAX_VERIFIED_LAST_GOP:
             return table.n_packets
-        self._handles.close()
-        self._counting = True  # cheap decoding: pictures are counted, not looked at
-        try:
-            session = self._start(k)
-            while self._pull(session) is not None:
-                pass
-        finally:
-            self._counting = False
-        if session.count is None:  # the last keyframe picture never came
-            count = self._anchor(k)
-        else:
-            count = max(session.count, self._anchor(k))
-        self._handles.close()  # the next read starts afresh
+        known = set(self.damaged_frames)
+        count = self._count_last_gop(k, "fast")
         if count != table.n_packets:
+            self.damaged_frames = known
+            count = self._count_last_gop(k, "exact")
             logger.info(
                 "%s: the container lists %d pictures, a sequential decode yields %d: "
                 "the reader has %d frames",
@@ -724,6 +719,20 @@ class VideoReader:
                 count,
             )
         return count
+
+    def _count_last_gop(self, k: int, mode: str) -> int:
+        self._handles.close()
+        self._counting = mode  # cheap decoding: pictures are counted, not looked at
+        try:
+            session = self._start(k)
+            while self._pull(session) is not None:
+                pass
+        finally:
+            self._counting = ""
+            self._handles.close()  # the next read starts afresh
+        if session.count is None:  # the last keyframe picture never came
+            return self._anchor(k)
+        return max(session.count, self._anchor(k))
 
     def _decode_to(self, target: int, wanted: set[int]) -> dict[int, np.ndarray]:
         """Decode until frame ``target`` comes out; return it and any ``wanted`` frames passed."""
