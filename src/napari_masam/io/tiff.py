@@ -282,9 +282,18 @@ def _check_declared_size(path: Path, series: Any) -> None:
     codes = {int(getattr(p, "compression", 1)) for p in pages}
     if len(codes) != 1 or next(iter(codes)) not in _MAX_DECODE_RATIO:
         return
-    ratio = _MAX_DECODE_RATIO[next(iter(codes))]
-    stored = sum(int(sum(getattr(p, "databytecounts", ()) or ())) for p in pages)
+    code = next(iter(codes))
+    ratio = _MAX_DECODE_RATIO[code]
     declared = math.prod(int(d) for d in series.shape) * np.dtype(series.dtype).itemsize
+    page_bytes = math.prod(int(d) for d in pages[0].shape) * np.dtype(series.dtype).itemsize
+    offset = getattr(series, "dataoffset", None)
+    if code == 1 and offset is not None:
+        # contiguous uncompressed data (ImageJ > 4 GB files list one IFD for all frames)
+        stored = path.stat().st_size - int(offset)
+    elif len(pages) * page_bytes < declared:
+        return  # frames without their own IFD and compressed: no bound to check against
+    else:
+        stored = sum(int(sum(getattr(p, "databytecounts", ()) or ())) for p in pages)
     if declared > ratio * stored + 65536:
         raise _TooBigError(
             f"{path}: its tags declare {' x '.join(map(str, series.shape))} "
