@@ -717,3 +717,107 @@ def test_propagate_hands_keyframes_and_last_slice_limits_to_the_engine(tmp_path:
 def test_propagate_needs_boxes(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="--propagate"):
         config_for(tmp_path, propagate=True)
+
+
+class BlockingSession(FakeSession):
+    """A FakeSession whose run waits (mid-job, lock held, staging open) until released."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        import threading
+
+        self.started = threading.Event()
+        self.release = threading.Event()
+
+    def iter_automatic(self, stack, **kwargs):
+        self.started.set()
+        assert self.release.wait(30)
+        return (yield from super().iter_automatic(stack, **kwargs))
+
+
+def test_concurrent_run_on_the_same_output_fails_clearly(tmp_path: Path) -> None:
+    """#13.1: two concurrent runs with different models left B's labels under A's sidecar."""
+    import threading
+
+    item = tiff_input(tmp_path)
+    out = tmp_path / "out"
+    slow = BlockingSession()
+    results = {}
+    first = threading.Thread(
+        target=lambda: results.setdefault(
+            "a", batch.run_job(item, config_for(out), fake_holder(slow))
+        )
+    )
+    first.start()
+    assert slow.started.wait(30)
+    second = batch.run_job(item, config_for(out, stride=2), fake_holder())  # "another model"
+    slow.release.set()
+    first.join(30)
+    assert second.status == "failed" and "another napari-masam run" in second.error
+    assert results["a"].status == "done", results["a"].error
+    side = json.loads((out / "stack_seg.json").read_text())
+    assert side["settings"]["stride"] == 1  # the record is the run that wrote the labels
+    assert batch.run_job(item, config_for(out), fake_holder()).status == "skipped"
+
+
+_KILLED_RUN = """
+import sys, time
+from pathlib import Path
+import numpy as np
+from napari_masam import batch
+
+class Session:
+    device = "cpu"
+    def __init__(self, model):
+        self.model = model
+    def iter_automatic(self, stack, **kwargs):
+        Path(sys.argv[3]).write_text("staging")  # the job holds its lock, a partial is open
+        time.sleep(120)
+        yield None
+
+sys.path.insert(0, sys.argv[4])
+from test_batch import FakeModel
+item = batch.BatchInput(Path(sys.argv[1]), "tiff", "stack")
+config = batch.BatchConfig(batch.ModelSpec(), Path(sys.argv[2]), output_format="png")
+batch.run_job(item, config, batch.SessionHolder(batch.ModelSpec(), session=Session(FakeModel())))
+"""
+
+
+def test_kill_9_mid_job_leaves_nothing_the_next_run_does_not_clean(tmp_path: Path) -> None:
+    """#13.1: kill -9 during a run left a hidden partial folder (and a lock) behind."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    item = tiff_input(tmp_path)
+    out = tmp_path / "out"
+    marker = tmp_path / "started"
+    script = tmp_path / "killed_run.py"
+    script.write_text(_KILLED_RUN)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            str(script),
+            str(item.path),
+            str(out),
+            str(marker),
+            str(Path(__file__).parent),
+        ]
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert marker.exists(), "the child never reached the engine"
+        left = sorted(p.name for p in out.iterdir())
+        assert ".stack_seg.lock" in left and any(".partial" in n for n in left), left
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+    result = batch.run_job(item, config_for(out, output_format="png"), fake_holder())
+    assert result.status == "done", result.error
+    assert sorted(p.name for p in out.iterdir()) == ["stack_seg", "stack_seg.json"]
+    np.testing.assert_array_equal(
+        read_png_folder(out / "stack_seg"), windowed_reference(tifffile.imread(item.path))
+    )
