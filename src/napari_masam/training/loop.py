@@ -164,11 +164,6 @@ def iter_train(
         state.device,
     )
 
-    def save_state() -> None:
-        if folder is not None:
-            folder.save_state(state.to_dict())
-
-    authors_path: Path | None = None
     cancelled = False
     model.train()
     try:
@@ -181,7 +176,7 @@ def iter_train(
                     break
                 every = config.checkpoint_every_steps
                 if every and state.global_step % every == 0:
-                    save_state()
+                    _save_state(folder, state)
                 yield state.progress("train", loss, lr, started)
             if cancelled:
                 break
@@ -199,8 +194,8 @@ def iter_train(
                 )
                 folder.save_model(model, BEST_NAME)
                 if getattr(model, "kind", "") == "masam":
-                    authors_path = folder.save_authors(model)
-            save_state()
+                    folder.save_authors(model)
+            _save_state(folder, state)
             if folder is not None:
                 folder.save_history(state.history)
             if dice is not None:
@@ -214,18 +209,21 @@ def iter_train(
                 )
     except GeneratorExit:
         logger.info("Training cancelled at step %d of %d", state.global_step, plan.total_steps)
-        save_state()
+        _save_state(folder, state)
         raise
 
     model.eval()
     if cancelled:
         logger.info("Training stopped at step %d of %d", state.global_step, plan.total_steps)
-        save_state()
+        _save_state(folder, state)
     state.stamp_metadata({"epoch": state.epoch, "best_epoch": state.best_epoch})
     last_path = None
     if folder is not None and not cancelled:
         last_path = folder.save_model(model, LAST_NAME)
     best_path = folder.path / BEST_NAME if folder is not None and state.best_epoch else None
+    authors_path: Path | None = None
+    if best_path is not None and (folder.path / AUTHORS_NAME).exists():  # type: ignore[union-attr]
+        authors_path = folder.path / AUTHORS_NAME  # type: ignore[union-attr]
     best = state.best_mean
     return TrainingResult(
         model=model,
@@ -242,6 +240,12 @@ def iter_train(
         val_cases=[c.name for c in plan.val_cases],
         cancelled=cancelled,
     )
+
+
+def _save_state(folder: RunFolder | None, state: TrainingState) -> None:
+    """Write the resume state (nothing without an output folder)."""
+    if folder is not None:
+        folder.save_state(state.to_dict())
 
 
 def _validate(state: TrainingState, should_stop: Callable[[], bool] | None) -> np.ndarray:
