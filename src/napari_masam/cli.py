@@ -332,23 +332,14 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _add_train_parser(sub: Any) -> None:
-    """Let :mod:`napari_masam.training` add ``train`` if it provides the hook."""
-    try:
-        from . import training
-    except ImportError as exc:
-        logger.debug("training is not available: %s", exc)
-        training = None
-    add = getattr(training, "add_train_parser", None)
-    run = getattr(training, "run_train", None)
-    if callable(add) and callable(run):
-        before = set(sub.choices)
-        add(sub)
-        for name in set(sub.choices) - before:
-            sub.choices[name].set_defaults(func=_run_train)
-        return
-    train = sub.add_parser("train", help="fine-tune a model (not available in this install)")
-    train.set_defaults(func=_train_unavailable)
+def _add_train_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """``train``: the parser of :mod:`napari_masam.training` (its errors exit 2 as usage errors)."""
+    from .training import add_train_parser
+
+    before = set(sub.choices)
+    add_train_parser(sub)
+    for name in set(sub.choices) - before:
+        sub.choices[name].set_defaults(func=_run_train)
 
 
 def _run_train(args: argparse.Namespace) -> int:
@@ -359,13 +350,6 @@ def _run_train(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError) as exc:
         raise UsageError(str(exc)) from exc
     return int(code or 0)
-
-
-def _train_unavailable(args: argparse.Namespace) -> int:
-    raise UsageError(
-        "training is not available: napari_masam.training does not provide "
-        "add_train_parser/run_train in this install"
-    )
 
 
 # ----------------------------------------------------------------------------------------------
