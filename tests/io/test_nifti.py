@@ -610,3 +610,9 @@ def test_nifti2_dims_that_overflow_int64_are_refused(tmp_path):
         fh.write(hdr.binaryblock + b"\\0" * 4 + bytes(1000))
     with pytest.raises(ValueError, match="can hold at most"):
         read_nifti(tmp_path / "huge.nii.gz")
+
+
+def test_empty_axis_refused(tmp_path):
+    nib.save(nib.Nifti1Image(np.zeros((0, 5, 5), np.int16), np.eye(4)), tmp_path / "empty.nii.gz")
+    with pytest.raises(ValueError, match="empty axis"):
+        read_nifti(tmp_path / "empty.nii.gz")

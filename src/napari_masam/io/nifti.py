@@ -220,6 +220,11 @@ def _check_header(path: Path, img: nib.Nifti1Image | nib.Nifti2Image) -> None:
             "segment. Save the magnitude (abs) or the real part as a float volume first, e.g. "
             "`fslcomplex -realabs` or nibabel with np.abs."
         )
+    if any(s == 0 for s in shape):
+        raise ValueError(
+            f"{path} declares an empty axis (shape {shape}): there are no voxels to show. "
+            "Re-export the file."
+        )
     _check_affine(np.asarray(img.affine, dtype=np.float64), path)
     offset = max(int(img.header.get_data_offset()), _min_offset(img))
     nbytes = _nbytes(img)
