@@ -134,3 +134,36 @@ def test_build_litemedsam_reports_corrupt_weights(tmp_path, monkeypatch):
     monkeypatch.setattr(weights, "_installed_asset_path", lambda: bad)
     with pytest.raises(ValueError, match="expected 39,370,479"):
         build_litemedsam()
+
+
+def test_state_dict_loaded_in_weights_module():
+    """weights.py is the one place that opens the LiteMedSAM file (435 tensors, CPU)."""
+    state = weights.load_litemedsam_state_dict()
+    assert len(state) == 435
+    assert all(t.device.type == "cpu" for t in state.values())
+    assert tuple(state["image_encoder.patch_embed.seq.0.c.weight"].shape) == (32, 3, 1, 1)
+    from napari_masam.model import lite
+
+    assert lite.load_litemedsam_state_dict is weights.load_litemedsam_state_dict  # re-export
+
+
+def test_network_files_open_no_files():
+    """model/ holds networks: tensors in, tensors out; loading lives in weights/checkpoints."""
+    import ast
+
+    import napari_masam.model as model_pkg
+
+    folder = Path(model_pkg.__file__).parent
+    # runtime.py is the export cache of the fast backends (writes its own cache files)
+    for path in sorted(folder.glob("*.py")):
+        if path.name == "runtime.py":
+            continue
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call):
+                f = node.func
+                name = f.attr if isinstance(f, ast.Attribute) else getattr(f, "id", "")
+                owner = getattr(getattr(f, "value", None), "id", "")
+                assert not (name == "open" and owner in ("", "io", "gzip")), path.name
+                assert not (name == "load" and owner == "torch"), path.name
+                assert name not in ("read_bytes", "read_text", "safe_open", "load_file"), path.name

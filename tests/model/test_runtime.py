@@ -53,10 +53,20 @@ def _images(n: int, size: int, seed: int = 1) -> torch.Tensor:
     return x.expand(-1, 3, -1, -1)[:, None].contiguous()  # N x 1 x 3 x S x S
 
 
-@pytest.mark.parametrize("name", RUNTIMES)
-def test_tiny_runtime_matches_torch(tmp_path, name):
+@pytest.fixture(scope="module")
+def shared_exports(tmp_path_factory):
+    """One export folder per installed runtime of ``_tiny_lite()``, shared by the tests."""
+    folder = tmp_path_factory.mktemp("exports")
     model = _tiny_lite()
-    fast = with_backend(model, name, cache_dir=tmp_path)
+    for name in RUNTIMES:
+        prepare_export(model, name, folder)
+    return folder
+
+
+@pytest.mark.parametrize("name", RUNTIMES)
+def test_tiny_runtime_matches_torch(shared_exports, name):
+    model = _tiny_lite()
+    fast = with_backend(model, name, cache_dir=shared_exports)
     assert isinstance(fast, RuntimeLiteMedSAM)
     info = backend_info(fast)
     assert info.backend == name and info.fallback_reason is None
@@ -79,10 +89,10 @@ def test_tiny_runtime_matches_torch(tmp_path, name):
     assert set(manifest["files"]) == {"encoder.onnx", "decoder.onnx"}
 
 
-def test_engine_labels_equal_on_runtime(tmp_path):
+def test_engine_labels_equal_on_runtime(shared_exports):
     """The engine needs no change: the same boxes give the same labels on both backends."""
     model = _tiny_lite()
-    fast = with_backend(model, RUNTIMES[0], cache_dir=tmp_path)
+    fast = with_backend(model, RUNTIMES[0], cache_dir=shared_exports)
     stack = (np.random.default_rng(0).random((3, 40, 52)) * 100).astype(np.float32)
     stack[:, 10:30, 15:40] += 80
     boxes = {1: {0: [14, 9, 41, 31], 2: [10, 5, 45, 35]}, 2: {1: [0, 0, 20, 20]}}
@@ -93,18 +103,21 @@ def test_engine_labels_equal_on_runtime(tmp_path):
     assert agree >= 0.999, agree
 
 
-def test_cache_key_follows_weights_sha256(tmp_path):
+def test_cache_key_follows_weights_sha256(shared_exports):
     a = _tiny_lite(seed=0)
     b = _tiny_lite(seed=0)
     assert weights_sha256(a) == weights_sha256(b)
-    folder_a, _ = prepare_export(a, RUNTIMES[0], tmp_path)
-    folder_b, _ = prepare_export(b, RUNTIMES[0], tmp_path)
+    folder_a, manifest = prepare_export(a, RUNTIMES[0], shared_exports)
+    folder_b, _ = prepare_export(b, RUNTIMES[0], shared_exports)
     assert folder_a == folder_b  # reused: same weights
+    assert manifest["weights_sha256"] == weights_sha256(a)
     with torch.no_grad():
         next(b.parameters()).view(-1)[0] += 1.0
     assert weights_sha256(a) != weights_sha256(b)
-    folder_c, _ = prepare_export(b, RUNTIMES[0], tmp_path)
-    assert folder_c != folder_a
+    version = runtime.runtime_version(RUNTIMES[0])
+    key_b = export_key(weights_sha256(b), RUNTIMES[0], version, b.get_config())
+    assert folder_a.name == export_key(weights_sha256(a), RUNTIMES[0], version, a.get_config())
+    assert key_b != folder_a.name
     cfg = a.get_config()
     key = export_key("0" * 64, "onnxruntime", "1.0", cfg)
     assert key != export_key("1" * 64, "onnxruntime", "1.0", cfg)  # weights
@@ -113,9 +126,13 @@ def test_cache_key_follows_weights_sha256(tmp_path):
     assert key != export_key("0" * 64, "onnxruntime", "1.0", cfg, opset=18)  # opset
 
 
-def test_corrupted_export_is_detected_and_rebuilt(tmp_path, caplog):
+def test_corrupted_export_is_detected_and_rebuilt(tmp_path, shared_exports, caplog):
+    import shutil
+
     model = _tiny_lite()
-    folder, manifest = prepare_export(model, RUNTIMES[0], tmp_path)
+    source, manifest = prepare_export(model, RUNTIMES[0], shared_exports)
+    folder = tmp_path / source.name
+    shutil.copytree(source, folder)
     encoder = folder / "encoder.onnx"
     good = encoder.read_bytes()
     encoder.write_bytes(good[: len(good) // 2])  # truncated, as after a full disk
@@ -134,8 +151,17 @@ def test_corrupted_export_is_detected_and_rebuilt(tmp_path, caplog):
     assert float((fast.encode(images) - ref).abs().max()) < 1e-3
 
 
-def test_failed_verification_falls_back_to_torch(tmp_path, monkeypatch):
+def test_failed_verification_falls_back_to_torch(tmp_path, shared_exports, monkeypatch):
+    import shutil
+
     model = _tiny_lite()
+    source, _ = prepare_export(model, RUNTIMES[0], shared_exports)
+
+    def copy_export(model, folder):  # the shared export's graphs instead of a fresh trace
+        for name in ("encoder.onnx", "decoder.onnx"):
+            shutil.copy(source / name, folder / name)
+
+    monkeypatch.setattr(runtime, "_export_onnx", copy_export)
     monkeypatch.setattr(runtime, "MAX_LOGIT_DIFF", -1.0)  # nothing can pass
     with pytest.warns(UserWarning, match="running on torch instead"):
         got = with_backend(model, RUNTIMES[0], cache_dir=tmp_path)
@@ -147,7 +173,7 @@ def test_failed_verification_falls_back_to_torch(tmp_path, monkeypatch):
     assert not any(tmp_path.iterdir())  # a refused export is not cached
 
 
-def test_backend_choices(tmp_path):
+def test_backend_choices(shared_exports):
     model = _tiny_lite()
     assert with_backend(model, "torch") is model
     assert backend_info(model).backend == "torch"
@@ -155,7 +181,7 @@ def test_backend_choices(tmp_path):
         with_backend(model, "tensorrt")
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # auto never warns when a runtime works
-        fast = with_backend(model, "auto", cache_dir=tmp_path)
+        fast = with_backend(model, "auto", cache_dir=shared_exports)
     assert backend_info(fast).backend in RUNTIMES
     assert backend_info(fast).requested == "auto"
     assert with_backend(fast, "torch") is model  # back to the reference
