@@ -821,3 +821,21 @@ def test_kill_9_mid_job_leaves_nothing_the_next_run_does_not_clean(tmp_path: Pat
     np.testing.assert_array_equal(
         read_png_folder(out / "stack_seg"), windowed_reference(tifffile.imread(item.path))
     )
+
+
+def test_outputs_follow_the_umask(tmp_path: Path) -> None:
+    """#13.1/#17.9: outputs were created 0600/0700 whatever the umask (a lab group could not
+    read them); every batch output goes through io._common.atomic_path, which respects it."""
+    item = tiff_input(tmp_path)
+    old = os.umask(0o022)
+    try:
+        png = batch.run_job(item, config_for(tmp_path / "png", output_format="png"), fake_holder())
+        tif = batch.run_job(item, config_for(tmp_path / "tif"), fake_holder())
+    finally:
+        os.umask(old)
+    assert png.status == tif.status == "done"
+    folder = Path(png.outputs[0])
+    assert folder.stat().st_mode & 0o777 == 0o755
+    assert {p.stat().st_mode & 0o777 for p in folder.iterdir()} == {0o644}
+    for path in (Path(tif.outputs[0]), Path(tif.sidecar), Path(png.sidecar)):
+        assert path.stat().st_mode & 0o777 == 0o644, path
