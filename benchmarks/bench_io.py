@@ -2,7 +2,9 @@
 opening 1-min and 60-min videos as ratios to a 10-s one (mp4: sample table; mkv: packet scan);
 opening a 512 x 512 x 300 int16 NIfTI vs nibabel.load + get_fdata.
 
-Run: ``python benchmarks/bench_io.py`` (``--quick`` for a smaller run). Prints ratios.
+Run: ``python benchmarks/bench_io.py`` (``--quick`` for a smaller run; ``--hd`` for opening
+1080p mp4 clips with 10-s keyframe intervals, the worst case for the last-GOP count). Prints
+ratios.
 """
 
 from __future__ import annotations
@@ -18,7 +20,9 @@ from pathlib import Path
 import numpy as np
 
 
-def write_video(path: Path, n: int, h: int, w: int, gop: int) -> Path:
+def write_video(path: Path, n: int, h: int, w: int, gop: int, smooth: bool = False) -> Path:
+    """A test clip: a rolling noise picture (poorly compressible), or with ``smooth`` a
+    gradient with a moving square (small files even at 1080p)."""
     import av
 
     with av.open(str(path), "w") as c:
@@ -32,9 +36,16 @@ def write_video(path: Path, n: int, h: int, w: int, gop: int) -> Path:
             "x264-params": f"keyint={gop}:min-keyint={gop}:scenecut=0",
         }
         rng = np.random.default_rng(0)
-        base = rng.integers(0, 255, (h, w, 3), dtype=np.uint8)
+        if smooth:
+            y, x = np.mgrid[0:h, 0:w]
+            base = np.stack([x * 255 // w, y * 255 // h, (x + y) * 127 // (h + w)], -1)
+            base = base.astype(np.uint8)
+        else:
+            base = rng.integers(0, 255, (h, w, 3), dtype=np.uint8)
         for t in range(n):
             frame = np.roll(base, t * 3, axis=1)
+            if smooth:
+                frame[(t * 7) % (h - 40) :][:40, (t * 11) % (w - 40) :][:, :40] = 255
             for p in s.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
                 c.mux(p)
         for p in s.encode():
@@ -123,14 +134,25 @@ print(len(r), first, after_open, kib("VmHWM:") - base, middle, r.index_source)
 """
 
 
-def bench_open(tmp: Path, fps: int = 25, gop: int = 50, repeats: int = 3) -> None:
+def bench_open(
+    tmp: Path,
+    fps: int = 25,
+    gop: int = 50,
+    repeats: int = 3,
+    size: tuple[int, int] = (180, 320),
+    containers: tuple[str, ...] = (".mp4", ".mkv"),
+) -> None:
     """Time to first frame and memory after open for 10-s, 1-min and 60-min clips."""
-    print("opening a video (table + frame 0 + last-GOP count), own process each, 320x180:")
-    base = write_video(tmp / "base10s.mp4", 10 * fps, 180, 320, gop)
+    h, w = size
+    print(
+        f"opening a video (table + frame 0 + last-GOP count), own process each, {w}x{h}, "
+        f"keyframe every {gop}:"
+    )
+    base = write_video(tmp / "base10s.mp4", 10 * fps, h, w, gop, smooth=h > 360)
     clips = {"10 s": base}
     for label, times in (("1 min", 6), ("60 min", 360)):
         clips[label] = repeat_video(base, tmp / f"long{times}.mp4", times)
-    for suffix in (".mp4", ".mkv"):
+    for suffix in containers:
         rows = {}
         for label, path in clips.items():
             if suffix == ".mkv":
@@ -198,10 +220,15 @@ def bench_nifti(tmp: Path, shape: tuple[int, int, int]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="smaller sizes")
+    parser.add_argument(
+        "--hd", action="store_true", help="only: open 10-s/1-min/60-min 1080p mp4 clips"
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
-        if args.quick:
+        if args.hd:
+            bench_open(tmp, gop=250, size=(1080, 1920), containers=(".mp4",))
+        elif args.quick:
             bench_random_access(tmp, 150, 30)
             bench_open(tmp, repeats=1)
             bench_nifti(tmp, (256, 256, 100))

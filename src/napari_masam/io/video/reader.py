@@ -10,16 +10,24 @@ or missing are numbered the same way.
 
 How (see ``_index.py``): the reader knows where each group of pictures (GOP) starts, counted in
 frame-carrying packets in decode order. To show frame ``i`` it seeks to the keyframe packet of
-the GOP holding ``i`` (found again by its byte position, so a wrong seek can never shift the
-numbering), starts a fresh decoder, and counts the pictures that come out from that GOP's
-keyframe picture on. Sequential reads continue the running decoder. Open-GOP leading pictures
-are decoded from the previous keyframe, so they carry their real references.
+the GOP holding ``i`` (checked by its byte position, so a wrong seek can never shift the
+numbering; files whose packets share or lack positions, like MPEG-PS and ASF, are read from the
+start to that packet instead), starts a fresh decoder, and counts the pictures that come out
+from that GOP's keyframe picture on. Sequential reads continue the running decoder. Open-GOP
+leading pictures (shown before their keyframe, counted from the packets' pts) are decoded from
+the previous keyframe, so they carry their real references.
 
-Cost of opening: mp4/mov/avi list every packet in their header (read from memory, no file
-reading); mkv/webm are scanned once, packet headers only (compressed data is read, nothing is
-decoded). Then the first frame and the last GOP are decoded: the last GOP's decode settles the
-frame count (containers whose sample count includes a packet that yields no picture report one
-frame too many). ``len()`` is decided then and never changes.
+Cost of opening: mp4/mov/avi list every packet in their header (FFmpeg holds that list in
+memory; reading its flags takes ~2 us a frame, no file reading); mkv/webm/mpg/wmv are scanned
+once, packet headers only (the compressed data is read, nothing is decoded). Then the first
+frame and the last GOP are decoded: the last GOP's decode settles the frame count (a container
+may list a packet that yields no picture), with frame threads and without deblocking or inverse
+transform, redone the plain way if it comes up short. GOPs longer than
+:data:`MAX_VERIFIED_LAST_GOP` packets are not decoded at open (one picture per packet is
+trusted). ``len()`` is decided then and never changes.
+
+Decoding uses slice threads at most: frame threads silently lose the pictures in flight when a
+packet is damaged, so their count would differ from a plain decode.
 
 Damaged data: a GOP whose packets yield fewer pictures than they should loses its *last*
 numbers (the pictures that did come out keep the numbers a sequential decode gives them), and
@@ -482,12 +490,8 @@ class VideoReader:
             if packet.size == 0:
                 continue
             raw += 1
-            if raw == 0 and self._pos_offset is None:
-                # sample tables may point at a chunk header (avi: 8 bytes before the data
-                # where packets say they start): learn the offset from the first packet
-                first = int(table.key_pos[0])
-                ok = packet.pos is not None and packet.pos >= 0 and first != MISSING
-                self._pos_offset = int(packet.pos) - first if ok else 0
+            if raw == 0:
+                self._learn_pos_offset(packet)
             if raw == table.key_raw[k]:
                 return container, itertools.chain([packet], packets)
         container.close()
@@ -495,6 +499,16 @@ class VideoReader:
             f"{self.path}: keyframe {k} is gone; the file changed since it was opened. "
             "Open it again."
         )
+
+    def _learn_pos_offset(self, first_packet: Any) -> None:
+        """Sample tables may point at a chunk header (avi: 8 bytes before where the packets
+        say their data starts): learn that offset once, from the file's first packet."""
+        if self._pos_offset is not None:
+            return
+        first = int(self._table.key_pos[0])
+        pos = first_packet.pos
+        ok = pos is not None and pos >= 0 and first != MISSING
+        self._pos_offset = int(pos) - first if ok else 0
 
     def _start(self, k: int) -> _Session:
         """A fresh decoder at GOP ``k`` (``k == 0``: the very start of the file)."""
@@ -509,9 +523,8 @@ class VideoReader:
             container, self._unread = self._unread, None
             packets = container.demux(self._stream(container))
             first = next((p for p in packets if p.size), None)
-            if first is not None and self._pos_offset is None:
-                ok = first.pos is not None and first.pos >= 0 and self._table.key_pos[0] != MISSING
-                self._pos_offset = int(first.pos) - int(self._table.key_pos[0]) if ok else 0
+            if first is not None:
+                self._learn_pos_offset(first)
             packets = itertools.chain([first] if first is not None else [], packets)
         else:
             container, packets = self._packets_from(k, container)
