@@ -63,9 +63,12 @@ def napari_get_reader(path: str | os.PathLike[str] | list[str]) -> ReaderFunctio
         if kind == "tiff":
             import tifffile
 
-            with tifffile.TiffFile(path) as tf:
-                if not tf.series:
-                    raise ValueError(f"{path} holds no image series")
+            try:
+                with tifffile.TiffFile(path) as tf:
+                    if not tf.series:
+                        raise ValueError("it holds no image series")
+            except (tifffile.TiffFileError, OSError) as exc:
+                raise ValueError(f"it is not a readable TIFF file ({exc})") from exc
             return read_tiff_layers
         from .io.video import probe_video
 

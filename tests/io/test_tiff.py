@@ -124,3 +124,9 @@ def test_tiff_tags_claiming_more_than_stored_are_refused(tmp_path, compression):
     path = _tiff_claiming(tmp_path / "liar.tif", 60000, 60000, compression)
     with pytest.raises(ValueError, match=r"60000 x 60000 uint8 pixels .* nothing was read"):
         read_tiff_stack(path)
+
+
+def test_complex_tiff_refused_with_advice(tmp_path):
+    tifffile.imwrite(tmp_path / "c.tif", (np.ones((2, 5, 6)) * 1j).astype(np.complex64))
+    with pytest.raises(ValueError, match=r"complex pixels .*magnitude"):
+        read_tiff_stack(tmp_path / "c.tif")

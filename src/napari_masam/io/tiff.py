@@ -147,11 +147,17 @@ def read_tiff_stack(path: str | os.PathLike[str], as_labels: bool | None = None)
             res_unit = int(res_unit_tag.value) if res_unit_tag is not None else None
             shaped = dict(tf.shaped_metadata[0]) if tf.shaped_metadata else {}
             _check_declared_size(path, series)
+            if np.dtype(series.dtype).kind == "c":
+                raise _RefusedError(
+                    f"{path} holds complex pixels ({np.dtype(series.dtype)}); napari-masam will "
+                    "not guess which part to segment. Save the magnitude (abs) or the real part "
+                    "as a float stack first."
+                )
             try:
                 data = tifffile.memmap(path, mode="r", series=0)
             except Exception:  # compressed or not contiguous: read into memory
                 data = series.asarray()
-    except (_NoSeriesError, _TooBigError):
+    except (_NoSeriesError, _RefusedError):
         raise
     except Exception as exc:  # tifffile.TiffFileError, OSError, ...
         raise ValueError(
@@ -265,7 +271,7 @@ class _NoSeriesError(ValueError):
     pass
 
 
-class _TooBigError(ValueError):
+class _RefusedError(ValueError):
     pass
 
 
@@ -295,7 +301,7 @@ def _check_declared_size(path: Path, series: Any) -> None:
     else:
         stored = sum(int(sum(getattr(p, "databytecounts", ()) or ())) for p in pages)
     if declared > ratio * stored + 65536:
-        raise _TooBigError(
+        raise _RefusedError(
             f"{path}: its tags declare {' x '.join(map(str, series.shape))} "
             f"{np.dtype(series.dtype).name} pixels ({declared / 2**20:.1f} MiB), but the "
             f"{stored} bytes it stores cannot decode to more than {ratio * stored / 2**20:.1f} MiB. "
