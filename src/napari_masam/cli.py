@@ -8,16 +8,22 @@ Subcommands
     default; ``--dask-scheduler ADDRESS`` (or ``local``/``--workers N``) runs one task per input on
     Dask distributed. See :mod:`napari_masam.batch` for the output layout, resume rule and
     provenance sidecar.
-``info``
-    Models, devices, cache location, software versions.
+``precompute INPUT... [--cache-dir DIR]``
+    Encode every slice of volumes/TIFF stacks once into the on-disk embedding cache.
+``boxes IN OUT [--to napari|table]``
+    Convert box files between napari's Shapes CSV and the ``segment --boxes`` table.
+``info [--cache-dir DIR]``
+    Models, backends, devices, the embedding cache (location, entries, size), versions.
 ``demo``
     Segments the bundled sample volume (or a synthetic phantom) with the embedded default model
-    from automatically derived boxes; writes a NIfTI and its sidecar. No network.
+    from automatically derived boxes (:mod:`napari_masam.demo`); writes a NIfTI and its sidecar.
+    No network.
 ``train``
-    Fine-tuning, provided by :mod:`napari_masam.training` when it is installed.
+    Fine-tuning (:mod:`napari_masam.training`).
 
 Exit codes: 0 all inputs done or up to date, 1 at least one input failed, 2 a usage or
-configuration error (nothing ran), 130 interrupted.
+configuration error found before any work (unknown --model/--preset/--backend values, an
+unusable box file, conflicting model files), 130 interrupted.
 """
 
 from __future__ import annotations
@@ -55,11 +61,17 @@ EXIT_INTERRUPTED = 130
 
 BOXES_HELP = """\
 box files (--boxes): one file for every input, or a folder with <stem>.json / <stem>.csv per
-input (case01.nii.gz -> case01.json). Each box is an object id, a slice (volume, display
-orientation as napari shows it) or frame (video) index from 0, and x0 y0 x1 y1 in pixel indices
-of that slice (x = column, y = row, max edge inclusive). Boxes of one object on several
-keyframes are interpolated linearly in between, as in the widget. Schema:
-napari_masam.prompts.load_boxes_file.
+input (case01.nii.gz -> case01.json). Two formats:
+  table (JSON or CSV): object,slice,x0,y0,x1,y1[,last_slice] -- object id (whole number >= 1),
+    slice (volume, display orientation as napari shows it) or frame (video) index from 0, and
+    x0 y0 x1 y1 in pixel indices of that slice (x = column, y = row, max edge inclusive);
+  napari Shapes CSV: what File > Save Selected Layers writes for a Shapes layer of 3-D
+    rectangles drawn over the image (ellipses/polygons: their bounding box); one object per
+    shape unless an "object" column says otherwise.
+Boxes of one object on several keyframes are interpolated linearly in between, as in the widget
+(with --propagate they are keyframes of the model's propagation; last_slice bounds the walk).
+Empty files, files without boxes, non-integral ids/slices and boxes outside the image are
+errors. `napari-masam boxes IN OUT` converts between the formats. Schema: napari_masam.io.boxes.
 """
 
 
