@@ -364,6 +364,18 @@ def test_bad_videos(clips, tmp_path, kind):
     assert reader is None or reader(str(path)) is None
 
 
+def test_file_gone_after_open_names_the_file(clips, tmp_path):
+    path = tmp_path / "moved.mp4"
+    path.write_bytes(clips["h264_bframes.mp4"].read_bytes())
+    reader = VideoReader(path, cache_bytes=0)
+    reader.close()
+    path.unlink()
+    with pytest.raises(ValueError, match=r"moved\.mp4"):
+        reader[12]
+    with pytest.raises(IndexError, match=r"moved\.mp4"):
+        reader[30]
+
+
 def test_probe(clips):
     info = probe_video(clips["vp9.webm"])
     assert info["codec"] == "vp9" and (info["height"], info["width"]) == (64, 80)

@@ -269,7 +269,7 @@ class VideoReader:
         if isinstance(frames_key, int | np.integer):
             i = int(frames_key)
             if not -n <= i < n:
-                raise IndexError(f"frame {i} out of range for a video of {n} frames")
+                raise IndexError(f"frame {i} out of range for {self.path.name} ({n} frames)")
             return self.get_frames([i % n])[0][rest]
         if isinstance(frames_key, slice):
             indices = np.arange(*frames_key.indices(n))
@@ -662,6 +662,11 @@ class VideoReader:
                 session.ended = True
                 session.pending.extend(self._drain(session))
                 continue
+            except OSError as exc:
+                raise ValueError(
+                    f"{self.path}: reading the video failed ({exc}); the file was moved, "
+                    "changed or is on a drive that is no longer reachable. Open it again."
+                ) from exc
             try:
                 session.pending.extend(packet.decode())
             except av.error.InvalidDataError as exc:
