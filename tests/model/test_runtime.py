@@ -234,3 +234,15 @@ def test_real_weights_real_slices(tmp_path_factory, ch2_path, ch2bet_path, name)
         ref_logits = model.decode(model.encode(x), box)
     got_logits = fast.decode(fast.encode(x), box)
     assert float((ref_logits - got_logits).abs().max()) < 1e-2
+
+
+def test_describe_backends_names_the_auto_choice():
+    from napari_masam.model.runtime import available_backends, describe_backends
+
+    text = describe_backends()
+    assert (
+        f"'auto' runs LiteMedSAM on {RUNTIMES[-1] if 'openvino' in RUNTIMES else RUNTIMES[0]}"
+        in text
+    )
+    assert set(RUNTIMES) <= set(available_backends())
+    assert runtime.check_backend("OpenVINO") == "openvino"

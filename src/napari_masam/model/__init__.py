@@ -15,6 +15,10 @@ _LAZY = {
     "DISPLAY_ORIENTATION": ".base",
     "ModelMetadata": ".base",
     "SegmentationModel": ".base",
+    "BACKENDS": ".runtime",
+    "backend_info": ".runtime",
+    "describe_backends": ".runtime",
+    "with_backend": ".runtime",
 }
 
 __all__ = ["DEFAULT_MODEL", "MODEL_REGISTRY", "ModelPreset", "build_model", *_LAZY]

@@ -127,6 +127,19 @@ def available_backends() -> list[str]:
     return names
 
 
+def describe_backends() -> str:
+    """One line for ``napari-masam info``: installed backends and what ``"auto"`` picks on a CPU."""
+    parts = [f"torch {torch.__version__} (reference; GPUs)"]
+    auto = "torch"
+    for name in AUTO_ORDER[::-1]:
+        try:
+            parts.append(f"{name} {runtime_version(name)}")
+            auto = name
+        except ModuleNotFoundError:
+            parts.append(f"{name} not installed")
+    return f"backends: {', '.join(parts)}; 'auto' runs LiteMedSAM on {auto} on a CPU"
+
+
 def check_backend(backend: str) -> str:
     """Validate a ``backend`` value (case-insensitive) and return it lower-case.
 
