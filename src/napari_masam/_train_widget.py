@@ -445,21 +445,24 @@ class TrainWidget(Container):
             return None
         import threading
 
-        from napari.qt.threading import create_worker
+        from . import _worker
 
-        self._stop = threading.Event()
+        self._stop = stop = threading.Event()
         self.plot.clear()
         self._progress.value = 0
         self._steps_total = 0
-        worker = create_worker(_train_job, job, self._stop, _start_thread=False)
-        worker.yielded.connect(self._on_progress)
-        worker.returned.connect(self._on_returned)
-        worker.errored.connect(self._on_errored)
-        worker.finished.connect(self._on_finished)
-        self._worker = worker
         self._train_btn.enabled, self._cancel_btn.enabled = False, True
         self._set_status("preparing the model; the time left shows after the first step ...")
-        worker.start()
+        # the generator is created here but runs (builds the model, reads images) in the worker
+        worker = _worker.start_worker(
+            lambda: _train_job(job, stop),
+            on_progress=self._on_progress,
+            on_returned=self._on_returned,
+            on_errored=self._on_errored,
+            on_finished=self._on_finished,
+            desc="MA-SAM fine-tuning",
+        )
+        self._worker = worker
         return worker
 
     def cancel(self) -> None:

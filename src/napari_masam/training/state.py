@@ -97,6 +97,16 @@ class TrainProgress:
         """Share of planned steps done."""
         return self.step / self.total_steps if self.total_steps else 1.0
 
+    @property
+    def done(self) -> int:
+        """Steps done (the ``done``/``total`` pair progress bars read)."""
+        return self.step
+
+    @property
+    def total(self) -> int:
+        """Planned steps."""
+        return self.total_steps
+
 
 @dataclass
 class TrainingResult:
