@@ -203,23 +203,12 @@ def run_job(
                 )
             replaces = output_digest(output)
             session = holder.get()
-            model = session.model
-            mode = resolve_mode(config.mode, model, config.boxes is not None)
-            boxes_path = boxes_file_for(item, config.boxes) if mode == "boxes" else None
+            mode = resolve_mode(config.mode, session.model, config.boxes is not None)
             timings: dict[str, float] = {"model_load_s": round(holder.load_seconds, 4)}
             with atomic_path(output, directory=fmt == "png") as staged:
-                if item.kind == "video" and config.propagate:
-                    frames, facts, prompts_record = segment_video_whole(
-                        item, config, session, boxes_path, fmt, staged, progress, timings
-                    )
-                elif item.kind == "video":
-                    frames, facts, prompts_record = segment_video_chunks(
-                        item, config, session, mode, boxes_path, fmt, staged, progress, timings
-                    )
-                else:
-                    frames, facts, prompts_record = _run_in_memory(
-                        item, config, session, mode, boxes_path, fmt, staged, progress, timings
-                    )
+                frames, facts, prompts_record = _segment_into(
+                    staged, item, config, session, mode, fmt, progress, timings
+                )
                 seconds = time.perf_counter() - start
                 timings["total_s"] = round(seconds, 4)
                 record = {
@@ -237,14 +226,14 @@ def run_job(
                     "model": _model_record(session, holder),
                     "mode": mode,
                     "settings": config.settings(),
-                    "preprocessing": _preprocessing_record(model, config, facts),
+                    "preprocessing": _preprocessing_record(session.model, config, facts),
                     "prompts": prompts_record,
                     "software": software_versions(),
                     "timings": timings,
                     "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                     "host": platform.node(),
                 }
-                write_json_atomic(sidecar, record)
+                write_json_atomic(sidecar, record)  # before the output moves in (see above)
         return JobResult(
             str(item.path),
             "done",
@@ -261,6 +250,29 @@ def run_job(
         return JobResult(
             str(item.path), "failed", error=message, seconds=time.perf_counter() - start
         )
+
+
+def _segment_into(
+    staged: Path,
+    item: BatchInput,
+    config: BatchConfig,
+    session: SegmentationSession,
+    mode: str,
+    fmt: str,
+    progress: ProgressCallback | None,
+    timings: dict[str, float],
+) -> tuple[int, dict[str, object], dict[str, object] | None]:
+    """Segment ``item`` and write its labels into ``staged``: (frames, facts, prompts record)."""
+    boxes_path = boxes_file_for(item, config.boxes) if mode == "boxes" else None
+    if item.kind == "video" and config.propagate:
+        return segment_video_whole(
+            item, config, session, boxes_path, fmt, staged, progress, timings
+        )
+    if item.kind == "video":
+        return segment_video_chunks(
+            item, config, session, mode, boxes_path, fmt, staged, progress, timings
+        )
+    return _run_in_memory(item, config, session, mode, boxes_path, fmt, staged, progress, timings)
 
 
 def read_stack(item: BatchInput) -> tuple[np.ndarray, dict[str, object] | None, dict[str, object]]:

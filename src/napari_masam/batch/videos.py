@@ -25,6 +25,18 @@ if TYPE_CHECKING:
     from ..session import SegmentationSession
 
 
+def chunk_plan(slices_per_group: int, config: BatchConfig) -> tuple[int, int]:
+    """``(chunk, overlap)`` frames of the streamed windows: ``D - 1`` context frames on each
+    side (rounded up to the stride, so window starts line up across chunks), chunks a multiple
+    of the stride."""
+    overlap = max(slices_per_group, 1) - 1
+    chunk = max(config.chunk_frames, 1)
+    if config.stride > 1:
+        overlap = -(-overlap // config.stride) * config.stride
+        chunk = -(-chunk // config.stride) * config.stride
+    return chunk, overlap
+
+
 def segment_video_chunks(
     item: BatchInput,
     config: BatchConfig,
@@ -53,14 +65,7 @@ def segment_video_chunks(
         t0 = time.perf_counter()
         window = video_window(reader, preset)  # once per video: labels independent of chunks
         timings["window_s"] = round(time.perf_counter() - t0, 4)
-        depth = max(int(model.slices_per_group), 1)
-        overlap = depth - 1
-        if config.stride > 1 and overlap:
-            overlap = -(-overlap // config.stride) * config.stride
-        chunk = max(config.chunk_frames, 1)
-        if config.stride > 1:
-            chunk = -(-chunk // config.stride) * config.stride
-
+        chunk, overlap = chunk_plan(int(model.slices_per_group), config)
         sink = frame_sink(
             fmt,
             staged,
