@@ -190,8 +190,15 @@ def output_state(output: Path, sidecar: Path, match: object) -> OutputState:
 # locks
 # ----------------------------------------------------------------------------------------------
 def _pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this machine (unknown counts as alive)."""
     if pid <= 0:
         return False
+    if os.name == "nt":  # os.kill(pid, 0) would terminate the process on Windows
+        try:
+            import psutil
+        except ImportError:
+            return True  # cannot tell: keep the lock, the message says how to remove it
+        return bool(psutil.pid_exists(pid))
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
