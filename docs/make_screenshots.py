@@ -1,8 +1,8 @@
 """Screenshots of the real segmentation widget for the README (docs/images/*.png).
 
-Drives the widget the way a user does: open a sample from File > Open Sample > napari-masam,
-dock Plugins > napari-masam > Segment, draw rectangles in the prompts layer, Run, wait for the
-worker. Needs a display; run it under Xvfb::
+Drives the widget the way a user does: open a sample from File > Open Sample > MA-SAM
+segmentation, dock Plugins > MA-SAM segmentation > Segment, draw one rectangle in the prompts
+layer, Run (propagation follows the object), rename it in the object table. Needs a display; run it under Xvfb::
 
     xvfb-run -a -s "-screen 0 1600x1000x24" python docs/make_screenshots.py [--quick]
 
@@ -60,45 +60,52 @@ def _save(viewer, name: str) -> Path:
     return path
 
 
+def _rename_object(widget, object_id: int, name: str) -> None:
+    """Edit the object's name cell in the object table, as a user does."""
+    table = widget.object_table
+    for row in range(table.rowCount()):
+        if table.item(row, 0).text() == str(object_id):
+            table.item(row, 1).setText(name)
+
+
 def shot_volume_boxes() -> None:
-    """CT phantom, two keyframe boxes around the left kidney, LiteMedSAM, Run."""
+    """CT phantom, ONE box around the left kidney on its central slice, propagated, LiteMedSAM."""
     viewer, widget = _viewer_with_widget()
     layers = viewer.open_sample("napari-masam", "ct_phantom")
     image = next(layer for layer in layers if layer._type_string == "image")
     truth = next(layer for layer in layers if layer._type_string == "labels")
     kidney = list(truth.features["class_name"]).index("kidney_left")
     mask = np.asarray(truth.data) == kidney
-    viewer.layers.remove(truth)  # the user has no ground truth: draw boxes on the image
+    viewer.layers.remove(truth)  # the user has no ground truth: draw a box on the image
     widget._image.value = image
     prompts = widget.add_prompts_layer()
     zs = np.flatnonzero(mask.any(axis=(1, 2)))
-    keyframes = (int(zs[2]), int(zs[-3]))
-    for z in keyframes:
-        rows, cols = np.nonzero(mask[z])
-        prompts.add_rectangles(
-            _rect(z, rows.min() - 3, cols.min() - 3, rows.max() + 3, cols.max() + 3)
-        )
+    z = int(zs[len(zs) // 2])
+    rows, cols = np.nonzero(mask[z])
+    prompts.add_rectangles(_rect(z, rows.min() - 3, cols.min() - 3, rows.max() + 3, cols.max() + 3))
+    viewer.dims.set_current_step(0, z)
     widget.run()
     _wait(widget)
-    viewer.dims.set_current_step(0, (keyframes[0] + keyframes[1]) // 2)
-    viewer.layers.selection.active = widget.preview_layer
+    _rename_object(widget, 1, "left kidney")
+    viewer.dims.set_current_step(0, int(zs[len(zs) // 4]))  # a slice the box was not drawn on
     _save(viewer, "widget_boxes_volume.png")
     viewer.close()
 
 
 def shot_video(quick: bool) -> None:
-    """Sample video (Big Buck Bunny), boxes on two frames around the rabbit, every frame between."""
+    """Sample video (Big Buck Bunny): ONE box around the rabbit, tracked over the next frames."""
     viewer, widget = _viewer_with_widget()
     (video,) = viewer.open_sample("napari-masam", "video")
     widget._image.value = video
     prompts = widget.add_prompts_layer()
     first, last = (44, 50) if quick else (40, 56)
     prompts.add_rectangles(_rect(first, 8, 50, 160, 170))
-    prompts.add_rectangles(_rect(last, 5, 55, 160, 170))
+    widget._first_slice.value = first
+    widget._last_slice.value = last
     widget.run()
     _wait(widget)
+    _rename_object(widget, 1, "rabbit")
     viewer.dims.set_current_step(0, (first + last) // 2)
-    viewer.layers.selection.active = widget.preview_layer
     _save(viewer, "widget_video.png")
     viewer.close()
 

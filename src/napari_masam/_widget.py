@@ -876,6 +876,15 @@ class MASAMWidget(Container):
         _layers.copy_geometry(image, self._preview)
         self._preview.metadata[LABELS_IMAGE_KEY] = _layers.image_binding(image)
         self._preview.opacity = 0.6
+        # Class colours from the start: switching a shown Labels layer from napari's cyclic
+        # colours to a direct colormap recompiles its shader on the next paint (measured 0.3-2
+        # s with software OpenGL), which used to land at the end of the first run. Now it
+        # happens here, while the worker is still loading the model.
+        ids = sorted({*request.boxes, *request.masks}) or [1]
+        styles = {i: self._object_style(i) for i in range(1, max(ids) + 1)}
+        _layers.set_label_classes(
+            self._preview, [n for n, _ in styles.values()], [c for _, c in styles.values()]
+        )
         self._preview_key = identity
         self._target.reset_choices()
         self._export_layer.reset_choices()

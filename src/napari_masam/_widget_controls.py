@@ -466,17 +466,10 @@ def _model_controls(
     return image, model, note, checkpoint, adapters, device
 
 
-def build_controls(image_choices: Any, target_choices: Any, export_choices: Any) -> Controls:
-    """Make the widget's controls (values, tooltips, visibility); no signals are connected.
-
-    Parameters
-    ----------
-    image_choices, target_choices, export_choices : callable
-        magicgui choice callbacks for the image, commit-target and export-layer drop-downs.
-    """
+def _intensity_controls() -> tuple[Any, ...]:
+    """Intensity preset and the custom CT window."""
     from .preprocess import INTENSITY_PRESETS
 
-    image, model, note, checkpoint, adapters, device = _model_controls(image_choices)
     preset = ComboBox(
         label="intensity",
         choices=[MODEL_DEFAULT_PRESET, *INTENSITY_PRESETS, CUSTOM_CT_PRESET],
@@ -502,6 +495,11 @@ def build_controls(image_choices: Any, target_choices: Any, export_choices: Any)
         visible=False,
         tooltip="Width of the custom CT window in Hounsfield units.",
     )
+    return preset, level, width
+
+
+def _prompt_controls() -> tuple[Any, ...]:
+    """Mode, prompts, propagation and precompute controls."""
     mode = RadioButtons(
         label="mode",
         choices=MODES,
@@ -567,6 +565,21 @@ def build_controls(image_choices: Any, target_choices: Any, export_choices: Any)
         tooltip="Encode every slice of the image now (in the background), so later boxes only "
         "run the fast decoder.",
     )
+    return (
+        mode,
+        stride,
+        prompts_btn,
+        obj,
+        propagate,
+        first_slice,
+        last_slice,
+        keyframe_btn,
+        precompute_btn,
+    )
+
+
+def _commit_controls(target_choices: Any) -> tuple[Any, ...]:
+    """Commit target/policy, the run buttons, progress and status."""
     target = ComboBox(
         label="commit to",
         choices=target_choices,
@@ -611,6 +624,11 @@ def build_controls(image_choices: Any, target_choices: Any, export_choices: Any)
     )
     status.tooltip = "What the widget is doing; speed (slices/s) and time left while running."
     status.native.setWordWrap(True)
+    return target, policy, run_btn, cancel_btn, commit_btn, buttons, progress, status
+
+
+def _export_controls(export_choices: Any) -> tuple[Any, ...]:
+    """The export group."""
     export_layer = ComboBox(
         label="export",
         choices=export_choices,
@@ -627,6 +645,34 @@ def build_controls(image_choices: Any, target_choices: Any, export_choices: Any)
         text="Export...",
         tooltip="Write the chosen labels layer in the source image's format and grid.",
     )
+    return export_layer, export_format, export_btn
+
+
+def build_controls(image_choices: Any, target_choices: Any, export_choices: Any) -> Controls:
+    """Make the widget's controls (values, tooltips, visibility); no signals are connected.
+
+    Parameters
+    ----------
+    image_choices, target_choices, export_choices : callable
+        magicgui choice callbacks for the image, commit-target and export-layer drop-downs.
+    """
+    image, model, note, checkpoint, adapters, device = _model_controls(image_choices)
+    preset, level, width = _intensity_controls()
+    (
+        mode,
+        stride,
+        prompts_btn,
+        obj,
+        propagate,
+        first_slice,
+        last_slice,
+        keyframe_btn,
+        precompute_btn,
+    ) = _prompt_controls()
+    target, policy, run_btn, cancel_btn, commit_btn, buttons, progress, status = _commit_controls(
+        target_choices
+    )
+    export_layer, export_format, export_btn = _export_controls(export_choices)
     return Controls(
         image=image,
         model=model,
