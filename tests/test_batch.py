@@ -839,3 +839,15 @@ def test_outputs_follow_the_umask(tmp_path: Path) -> None:
     assert {p.stat().st_mode & 0o777 for p in folder.iterdir()} == {0o644}
     for path in (Path(tif.outputs[0]), Path(tif.sidecar), Path(png.sidecar)):
         assert path.stat().st_mode & 0o777 == 0o644, path
+
+
+def test_users_json_at_the_sidecar_name_is_kept(tmp_path: Path) -> None:
+    item = tiff_input(tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    notes = out / "stack_seg.json"
+    notes.write_text('{"my": "annotation notes"}')
+    result = batch.run_job(item, config_for(out), fake_holder())
+    assert result.status == "failed" and "not a napari-masam sidecar" in result.error
+    assert notes.read_text() == '{"my": "annotation notes"}'
+    assert not (out / "stack_seg.tif").exists()
