@@ -246,3 +246,13 @@ def test_describe_backends_names_the_auto_choice():
     )
     assert set(RUNTIMES) <= set(available_backends())
     assert runtime.check_backend("OpenVINO") == "openvino"
+
+
+def test_registry_applies_the_backend_to_any_preset(tmp_path):
+    from napari_masam.model.registry import build_model
+
+    model = build_model("masam-lite", num_classes=2, backend="auto", export_dir=tmp_path)
+    assert type(model).__name__ == "MASAMLite"  # adapted models stay on torch
+    assert backend_info(model).backend == "torch"
+    with pytest.raises(ValueError, match="Unknown backend"):
+        build_model("masam-lite", num_classes=2, backend="cuda")

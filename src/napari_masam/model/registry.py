@@ -75,8 +75,14 @@ MODEL_REGISTRY: dict[str, ModelPreset] = {
 DEFAULT_MODEL = "litemedsam"
 
 
-def build_model(name: str, **kwargs: Any) -> SegmentationModel:
+def build_model(
+    name: str, *, backend: str = "torch", export_dir: str | None = None, **kwargs: Any
+) -> SegmentationModel:
     """Build the preset ``name`` with builder keyword arguments ``kwargs``.
+
+    ``backend`` (``"torch"``, ``"auto"``, ``"onnxruntime"``, ``"openvino"``) is applied to any
+    preset through :func:`napari_masam.model.runtime.with_backend` (only LiteMedSAM on a CPU
+    changes; ``export_dir`` is its export cache folder).
 
     Raises
     ------
@@ -92,4 +98,9 @@ def build_model(name: str, **kwargs: Any) -> SegmentationModel:
         ) from None
     module_name, func_name = preset.builder.split(":")
     builder = getattr(importlib.import_module(module_name), func_name)
-    return builder(**kwargs)
+    model = builder(**kwargs)
+    if backend == "torch":
+        return model
+    from .runtime import with_backend
+
+    return with_backend(model, backend, cache_dir=export_dir)
