@@ -38,3 +38,16 @@ def test_cuda_autocast_labels_agree_with_cpu_fp32() -> None:
     assert gpu.shape == cpu.shape
     # half precision may flip near-tied voxels, nothing more
     assert (gpu == cpu).mean() > 0.98
+
+
+def test_gpu_keeps_torch_for_litemedsam(tmp_path) -> None:
+    """On a GPU the fast CPU runtimes are not used: torch + autocast stays (no export)."""
+    from napari_masam.model.lite import build_litemedsam
+    from napari_masam.model.runtime import backend_info
+
+    model = build_litemedsam(device="cuda", backend="auto", export_dir=tmp_path)
+    assert type(model).__name__ == "LiteMedSAM"
+    assert next(model.parameters()).device.type == "cuda"
+    info = backend_info(model)
+    assert info.backend == "torch" and "cuda" in info.fallback_reason
+    assert not any(tmp_path.iterdir())
