@@ -73,8 +73,14 @@ class SegmentationModel(nn.Module):
     supports_boxes : bool
         Whether box prompts are meaningful.
     metadata : ModelMetadata
+    preferred_batch_size : int or None
+        Windows per :meth:`encode` call that measured fastest for this model on a CPU (None: no
+        preference; the engine decides). Set by :class:`~napari_masam.model.runtime.
+        RuntimeLiteMedSAM`.
     """
 
+    #: class-level default; subclasses or instances may set an int
+    preferred_batch_size: int | None = None
     image_size: int
     slices_per_group: int
     num_classes: int
