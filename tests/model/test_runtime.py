@@ -170,6 +170,7 @@ def test_failed_verification_falls_back_to_torch(tmp_path, shared_exports, monke
     assert info.backend == "torch" and info.requested == RUNTIMES[0]
     assert "differs from torch" in info.fallback_reason
     assert "not used" in info.describe()
+    assert backend_info(with_backend(got, "torch")).fallback_reason is None
     assert not any(tmp_path.iterdir())  # a refused export is not cached
 
 

@@ -628,6 +628,7 @@ def with_backend(
     if isinstance(model, RuntimeLiteMedSAM):
         model = model.reference
     if requested == "torch":
+        model.__dict__.pop("backend_info", None)  # forget an earlier fallback note
         return model
 
     def fallback(reason: str) -> SegmentationModel:
