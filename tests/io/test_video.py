@@ -165,6 +165,21 @@ def test_rotation_upright(clips, degrees, corner):
     assert stored.shape == (48, 64, 3) and stored[:8, :8, 0].mean() > 200
 
 
+def test_napari_layer_is_upright_and_says_so(clips, decode_reference):
+    """The napari reader's layer: upright frames, numbered like a sequential decode, and the
+    rotation, numbering rule and count in ``metadata["video"]``."""
+    from napari_masam._reader import read_video_layers
+
+    path = clips["rotate270.mp4"]
+    ((data, kwargs, kind),) = read_video_layers(str(path))
+    ref = decode_reference(path)
+    assert kind == "image" and data.shape == (12, 64, 48, 3)
+    np.testing.assert_array_equal(np.asarray(data[7]), ref[7])
+    meta = kwargs["metadata"]["video"]
+    assert meta["rotation"] == 270 and meta["index"] == "decode-order"
+    assert meta["n_frames"] == 12 and (meta["stored_height"], meta["stored_width"]) == (48, 64)
+
+
 @pytest.mark.parametrize(
     ("name", "batches"),
     [
