@@ -752,7 +752,12 @@ class MASAMWidget(Container):
         info = _layers.stack_from_layer(image)
         values = self.control_values()
         if values.mode == "automatic":
-            return request_from_controls(values, image, info)
+            request = request_from_controls(values, image, info)
+            if automatic_support(values.model) == "untrained":
+                from napari.utils.notifications import show_warning
+
+                show_warning(automatic_note(values.model))  # said before the long run starts
+            return request
         propagate = values.propagate and info.n_slices > 1
         boxes, note = self._boxes_for(image, info, interpolate=not propagate)
         identity = self._preview_identity(values, image)

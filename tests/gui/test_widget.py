@@ -638,10 +638,10 @@ def test_2d_shapes_over_a_volume_use_the_slice_on_screen_and_ellipses_are_boxes(
     assert (data[4][labels[4] > 0] > 0).mean() > 0.8
 
 
-def test_automatic_mode_is_said_impossible_before_any_work(viewer_widget) -> None:
+def test_automatic_mode_is_said_impossible_before_any_work(viewer_widget, monkeypatch) -> None:
     from qtpy.QtWidgets import QRadioButton
 
-    _viewer, widget = viewer_widget
+    viewer, widget = viewer_widget
     assert widget.session is None  # nothing loaded yet
 
     def automatic_button():
@@ -657,6 +657,15 @@ def test_automatic_mode_is_said_impossible_before_any_work(viewer_widget) -> Non
     widget._mode.value = "automatic"
     assert "untrained" in widget._model_note.value and not widget._model_note.native.isHidden()
     assert "untrained" in widget._status.value
+    # Run warns before any work (the request is built, nothing loaded yet)
+    warnings: list[str] = []
+    monkeypatch.setattr(
+        "napari.utils.notifications.show_warning", lambda m: warnings.append(str(m))
+    )
+    viewer.add_image(np.zeros((3, 16, 16), np.float32), name="vol")
+    assert widget._prepare_request() is not None
+    assert warnings and "untrained" in warnings[0]
+    assert widget.session is None
     widget._model.value = "masam_vit_b"
     assert widget._checkpoint.visible and widget._masam_checkpoint.visible
     placeholder = widget._checkpoint.line_edit.native.placeholderText()
