@@ -633,7 +633,7 @@ def test_progress_carries_an_eta_from_measured_steps(phantom_case):
     assert steps[-1].eta_s >= 0 and items[-1].eta_s == 0.0
 
 
-def test_cli_sizes_the_run_for_the_device_unless_told(tmp_path):
+def test_cli_sizes_the_run_for_the_device_unless_told(tmp_path, capsys):
     import json
 
     import nibabel as nib
@@ -649,8 +649,11 @@ def test_cli_sizes_the_run_for_the_device_unless_told(tmp_path):
     start = save_checkpoint(build_training_model("tiny", 2), tmp_path / "tiny.safetensors")
     out = tmp_path / "run"
     argv = ["train", str(tmp_path), "-o", str(out), "--init-checkpoint", str(start)]
-    argv += ["--slab-thickness", "5", "--val-fraction", "0.5", "--device", "cpu", "-q"]
+    argv += ["--slab-thickness", "5", "--val-fraction", "0.5", "--device", "cpu"]
     assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert "run sized for cpu: 5 epochs" in err
+    assert " left" in err.split("step 1/")[1].split("\r")[0]  # time left from step 1 on
     cpu = defaults_for_device("cpu")
     history = json.loads((out / "history.json").read_text())
     assert len(history) == cpu.epochs  # not the recipe's 20 epochs

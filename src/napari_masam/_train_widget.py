@@ -39,7 +39,7 @@ from qtpy.QtCore import QPointF
 from qtpy.QtGui import QColor, QPainter, QPen, QPolygonF
 from qtpy.QtWidgets import QSizePolicy, QWidget
 
-from .training.config import BACKBONES, defaults_for_device
+from .training.config import BACKBONES, defaults_for_device, format_duration
 
 if TYPE_CHECKING:
     import napari
@@ -183,19 +183,6 @@ def _train_job(job: TrainJob, stop: Any) -> Generator[Any, None, Any]:
         should_stop=stop.is_set,
     )
     return None if result.cancelled else result
-
-
-def format_duration(seconds: float | None) -> str:
-    """``"45 s"``, ``"12 min"``, ``"2 h 05 min"`` (``"?"`` for None)."""
-    if seconds is None or not np.isfinite(seconds):
-        return "?"
-    seconds = max(0.0, float(seconds))
-    if seconds < 90:
-        return f"{seconds:.0f} s"
-    if seconds < 5400:
-        return f"{seconds / 60:.0f} min"
-    hours, rest = divmod(round(seconds / 60), 60)
-    return f"{hours} h {rest:02d} min"
 
 
 class TrainWidget(Container):

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .config import BACKBONES, TrainingConfig
+from .config import BACKBONES, TrainingConfig, format_duration
 
 logger = logging.getLogger(__name__)
 
@@ -214,33 +214,39 @@ def run_train(args: argparse.Namespace) -> int:
         resume=args.resume,
     )
     out = sys.stderr
+    outcome: list[Any] = []
+
+    def relay() -> Any:
+        outcome.append((yield from gen))  # the run's result, once the loop below ends
+
     try:
-        while True:
-            progress = next(gen)
-            if args.quiet:
-                continue
-            if progress.stage == "train":
-                out.write(
-                    f"\repoch {progress.epoch}/{progress.epochs} step {progress.step}/"
-                    f"{progress.total_steps} loss {progress.loss:.4f} lr {progress.lr:.2e}"
-                )
-            else:
-                dice = ", ".join(f"{k} {v:.3f}" for k, v in (progress.val_dice or {}).items())
-                out.write(
-                    f"\nepoch {progress.epoch}: mean loss {progress.loss:.4f}, validation Dice "
-                    f"{dice} (mean {progress.val_mean_dice:.3f}, "
-                    f"best {progress.best_mean_dice:.3f})\n"
-                )
-            out.flush()
-    except StopIteration as stop:
-        result = stop.value
+        for progress in relay():
+            if not args.quiet:
+                out.write(_progress_line(progress))
+                out.flush()
     except KeyboardInterrupt:
         gen.close()
         out.write(f"\ncancelled; resume with --resume -o {args.output}\n")
         return 130
+    result = outcome[0]
     if not args.quiet:
         out.write(
-            f"best epoch {result.best_epoch}, mean Dice {result.best_mean_dice:.3f}: "
+            f"\nbest epoch {result.best_epoch}, mean Dice {result.best_mean_dice:.3f}: "
             f"{result.best_path}\n"
         )
     return 0
+
+
+def _progress_line(progress: Any) -> str:
+    """One status line for a :class:`~napari_masam.training.TrainProgress` (with time left)."""
+    left = f", {format_duration(progress.eta_s)} left" if progress.eta_s is not None else ""
+    if progress.stage == "train":
+        return (
+            f"\repoch {progress.epoch}/{progress.epochs} step {progress.step}/"
+            f"{progress.total_steps} loss {progress.loss:.4f} lr {progress.lr:.2e}{left}   "
+        )
+    dice = ", ".join(f"{k} {v:.3f}" for k, v in (progress.val_dice or {}).items())
+    return (
+        f"\nepoch {progress.epoch}: mean loss {progress.loss:.4f}, validation Dice "
+        f"{dice} (mean {progress.val_mean_dice:.3f}, best {progress.best_mean_dice:.3f}){left}\n"
+    )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -241,3 +242,16 @@ class TrainingConfig:
             raise ValueError(f"Unknown TrainingConfig fields: {', '.join(unknown)}.")
         fixed = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
         return cls(**fixed)
+
+
+def format_duration(seconds: float | None) -> str:
+    """``"45 s"``, ``"12 min"``, ``"2 h 05 min"`` (``"?"`` for None or not finite)."""
+    if seconds is None or not math.isfinite(seconds):
+        return "?"
+    seconds = max(0.0, float(seconds))
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    hours, rest = divmod(round(seconds / 60), 60)
+    return f"{hours} h {rest:02d} min"
