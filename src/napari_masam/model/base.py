@@ -79,6 +79,8 @@ class SegmentationModel(nn.Module):
         RuntimeLiteMedSAM`.
     """
 
+    #: Architecture family, the ``kind`` of :meth:`get_config` (``"masam"``, ``"litemedsam"``, ...).
+    kind: str = ""
     #: class-level default; subclasses or instances may set an int
     preferred_batch_size: int | None = None
     image_size: int
@@ -87,6 +89,13 @@ class SegmentationModel(nn.Module):
     supports_automatic: bool
     supports_boxes: bool
     metadata: ModelMetadata
+
+    def get_config(self) -> dict:
+        """JSON-able architecture description (``{"kind": ..., ...}``) that rebuilds the network.
+
+        Every concrete model overrides it; the base gives only the kind.
+        """
+        return {"kind": self.kind}
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """Prompt-free image embeddings.

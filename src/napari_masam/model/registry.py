@@ -29,12 +29,17 @@ class ModelPreset:
         ``sam_checkpoint``, ``device``, ...) and returns a :class:`SegmentationModel`.
     needs_weights : bool
         True when the preset is only an architecture: the user must give checkpoint files.
+    automatic : str
+        Whether prompt-free (automatic) mode can run, known before loading: ``"none"`` (no
+        class head, box prompts only), ``"untrained"`` (a class head that needs fine-tuning
+        first), ``"checkpoint"`` (depends on the checkpoint files given).
     """
 
     name: str
     description: str
     builder: str
     needs_weights: bool = False
+    automatic: str = "checkpoint"
 
 
 MODEL_REGISTRY: dict[str, ModelPreset] = {
@@ -44,11 +49,13 @@ MODEL_REGISTRY: dict[str, ModelPreset] = {
             "litemedsam",
             "LiteMedSAM (embedded, box prompts, 2D per slice; no download)",
             "napari_masam.model.lite:build_litemedsam",
+            automatic="none",
         ),
         ModelPreset(
             "masam-lite",
             "MA-SAM-Lite: LiteMedSAM + 3D adapters + FacT (trainable on CPU; embedded start)",
             "napari_masam.model.masam_lite:build_masam_lite",
+            automatic="untrained",
         ),
         ModelPreset(
             "masam_vit_b",
