@@ -166,6 +166,12 @@ def _damage_packet_15(i, packet):  # one P/B picture of the second GOP replaced 
     return [packet]
 
 
+def _damage_keyframe_20(i, packet):  # the keyframe of the third GOP replaced by noise
+    if i == 20:
+        return [_junk_packet(packet, packet.size, packet.pts, packet.dts)]
+    return [packet]
+
+
 def _junk_after_39(i, packet):  # the container lists one more sample than decodes
     if i == 39:
         return [packet, _junk_packet(packet, 18, packet.pts + 2048, packet.dts + 512)]
@@ -234,6 +240,7 @@ def write_no_cues_mkv(path: pathlib.Path) -> pathlib.Path:
 REMUXED = {
     "pts_equal_dts.mp4": _pts_equal_dts,
     "damaged_gop.mp4": _damage_packet_15,
+    "damaged_keyframe.mp4": _damage_keyframe_20,
     "count_lies.mp4": _junk_after_39,
 }
 

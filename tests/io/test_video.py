@@ -127,6 +127,28 @@ def test_damaged_gop_keeps_the_numbering(clips, decode_reference, caplog):
     np.testing.assert_array_equal(streamed[30], ref[29])
 
 
+def test_damaged_keyframe_same_frames_in_any_order(clips, decode_reference):
+    """The keyframe of GOP 2 (frames 20-29) is noise: whatever the decoder makes of that GOP,
+    random access and a sequential read give the same frames, the same damaged numbers, and
+    GOP 3 keeps numbers 30-39 (a plain decode, which loses 7 pictures, calls them 23-32)."""
+    path = clips["damaged_keyframe.mp4"]
+    ref = decode_reference(path)
+    lost = 40 - len(ref)
+    assert lost > 0
+    seq = VideoReader(path, cache_bytes=0)
+    frames = [seq[i] for i in range(40)]
+    rand = VideoReader(path, cache_bytes=0)
+    for i in [*np.random.default_rng(6).permutation(40), *range(39, -1, -1)]:
+        np.testing.assert_array_equal(rand[int(i)], frames[i], err_msg=f"frame {i}")
+    assert len(seq) == len(rand) == 40
+    assert seq.damaged_frames == rand.damaged_frames and len(seq.damaged_frames) == lost
+    assert all(20 <= i < 30 for i in seq.damaged_frames)
+    for i in range(20):
+        np.testing.assert_array_equal(frames[i], ref[i])
+    for i in range(30, 40):
+        np.testing.assert_array_equal(frames[i], ref[i - lost])
+
+
 def test_missing_timestamps_still_exact(clips, decode_reference):
     """Without any pts (the table's and the pictures' compared as unknown) the count from
     the keyframe packets alone gives the same frames."""
