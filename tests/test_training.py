@@ -669,3 +669,24 @@ def test_masam_lite_can_start_at_a_smaller_input_size():
     assert set(trainable_parameter_names(model)) == {
         n for n, p in model.named_parameters() if p.requires_grad
     }
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (print, ("this ran",))
+
+
+def test_resume_state_carrying_code_is_refused_plainly(phantom_case, tmp_path, capsys):
+    torch.save({"format": "napari-masam-train-state/1", "x": _RunsCode()}, tmp_path / "resume.pt")
+    gen = iter_train(
+        build_training_model("tiny", 2),
+        [phantom_case],
+        FAST,
+        output_dir=tmp_path,
+        device="cpu",
+        resume=True,
+    )
+    with pytest.raises(ValueError, match=r"contains executable code.*will not be loaded") as info:
+        next(gen)
+    assert "weights_only" not in str(info.value)
+    assert "this ran" not in capsys.readouterr().out

@@ -11,12 +11,45 @@ import re
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ._common import CheckpointError, PathLike, _torch
 
 if TYPE_CHECKING:
     import torch
+
+
+def load_weights_only(path: PathLike, *, what: str = "checkpoint", mmap: bool = True) -> Any:
+    """Whatever a torch file holds, loaded on the CPU with ``weights_only=True`` (no code runs).
+
+    With ``mmap`` (default) zip-format files are memory-mapped: tensors are paged in when used.
+    Pass ``mmap=False`` for a file that will be replaced while its tensors live on (Windows
+    cannot replace a mapped file).
+
+    Raises
+    ------
+    FileNotFoundError
+        If ``path`` does not exist.
+    CheckpointError
+        Truncated or not a torch file, or carrying executable code (said in plain words; the
+        file is never loaded another way).
+    """
+    torch = _torch()
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"The {what} {path} does not exist (or is not a file).")
+    try:
+        return torch.load(
+            path, map_location="cpu", weights_only=True, mmap=mmap and zipfile.is_zipfile(path)
+        )
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(_code_message(path, what, str(exc))) from None
+    except Exception as exc:
+        raise CheckpointError(
+            f"Cannot read the {what} {path}: the file is truncated, corrupted or not a PyTorch "
+            f"checkpoint ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}). "
+            "Download it again or check that you picked the right file."
+        ) from exc
 
 
 def read_state_dict(path: PathLike, *, what: str = "checkpoint") -> dict[str, torch.Tensor]:
@@ -43,19 +76,7 @@ def read_state_dict(path: PathLike, *, what: str = "checkpoint") -> dict[str, to
         dict of tensors.
     """
     torch = _torch()
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"The {what} {path} does not exist (or is not a file).")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
-    except pickle.UnpicklingError as exc:
-        raise CheckpointError(_code_message(path, what, str(exc))) from None
-    except Exception as exc:
-        raise CheckpointError(
-            f"Cannot read the {what} {path}: the file is truncated, corrupted or not a PyTorch "
-            f"checkpoint ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}). "
-            "Download it again or check that you picked the right file."
-        ) from exc
+    obj = load_weights_only(path, what=what)
     if isinstance(obj, Mapping):
         for wrapper in ("state_dict", "model"):
             inner = obj.get(wrapper)

@@ -47,10 +47,22 @@ class RunFolder:
         return self.state_path
 
     def load_state(self) -> dict[str, Any] | None:
-        """The saved resume state, or None when the folder has none."""
+        """The saved resume state, or None when the folder has none.
+
+        Raises
+        ------
+        ValueError
+            (:class:`~napari_masam.checkpoints.CheckpointError`) The file is damaged or carries
+            executable code (refused, never run).
+        """
+        from ..checkpoints.torch_files import load_weights_only
+
         if not self.state_path.exists():
             return None
-        return torch.load(self.state_path, map_location="cpu", weights_only=True)
+        state = load_weights_only(self.state_path, what="training state", mmap=False)
+        if not isinstance(state, dict):
+            raise ValueError(f"{self.state_path} is not a napari-masam training state.")
+        return state
 
     def save_model(self, model: SegmentationModel, name: str) -> Path:
         """One of our single-file checkpoints (``best``/``last``)."""
