@@ -128,6 +128,8 @@ CLIPS = {
     # packets without byte positions; ASF: several packets share one position
     "mpeg1_open_gop.mpg": dict(codec="mpeg1video", options={"g": "5", "bf": "2"}),
     "wmv2.wmv": dict(codec="wmv2", options={"g": "6"}),
+    # intra-only (every packet a keyframe), as lab and microscope recorders write
+    "mjpeg_intra.avi": dict(codec="mjpeg", pix_fmt="yuvj420p"),
 }
 
 

@@ -31,6 +31,7 @@ CLIP_NAMES = [
     "mpeg4.mov",
     "mpeg1_open_gop.mpg",
     "wmv2.wmv",
+    "mjpeg_intra.avi",
     # the pathological files of camera and phone recorders (tests/io/conftest.py)
     "pts_equal_dts.mp4",
     "count_lies.mp4",

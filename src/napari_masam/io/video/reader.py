@@ -554,6 +554,11 @@ class VideoReader:
         table = self._table
         n_raw = int(table.key_raw[k + 1]) if k + 1 < table.n_gops else None
         first = int(table.key_raw[k])
+        if n_raw is not None and n_raw - first == 1 and table.gop_packets(k) == 1:
+            # a one-picture GOP (intra-only video): no leading pictures, and its keyframe
+            # picture is recognised by its flag; no need to read the file
+            self._gops[k] = (MISSING, 0)
+            return self._gops[k]
         if table.packet_pts is not None and table.packet_keep is not None:
             stop = n_raw if n_raw is not None else len(table.packet_pts)
             pts = table.packet_pts[first:stop][table.packet_keep[first:stop]].tolist()
