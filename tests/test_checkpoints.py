@@ -553,15 +553,16 @@ def test_giant_header_config_refused_before_any_model_is_built(trained, tmp_path
 
     lying = _rewrite_header(good, tmp_path / "giant.safetensors", giant)
     _no_build(monkeypatch)
-    with pytest.raises(CheckpointError, match=r"giant\.safetensors.*depth 48 but the file holds tensors of 3 encoder"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"giant\.safetensors.*depth 48 but the file holds tensors of 3 encoder",
+    ):
         ckpt.load_checkpoint(lying)
 
 
 def test_header_config_compared_with_tensor_shapes_before_build(trained, tmp_path, monkeypatch):
     good = ckpt.save_checkpoint(trained, tmp_path / "good.safetensors")
-    wide = _rewrite_header(
-        good, tmp_path / "wide.safetensors", lambda c: c.update(mlp_ratio=64.0)
-    )
+    wide = _rewrite_header(good, tmp_path / "wide.safetensors", lambda c: c.update(mlp_ratio=64.0))
     _no_build(monkeypatch)
     with pytest.raises(CheckpointError, match=r"(?s)other shapes.*mlp\.lin1\.weight.*edited"):
         ckpt.load_checkpoint(wide)
@@ -616,7 +617,7 @@ def test_model_source_parse_is_the_one_decision(trained, sam_file, authors_file,
     )
     named = ModelSource.parse("masam_vit_b", sam_checkpoint=sam_file)
     assert (named.kind, named.name) == ("sam_pair", "masam_vit_b")
-    with pytest.raises(ValueError, match="Unknown model 'vit_q'.*litemedsam"):
+    with pytest.raises(ValueError, match=r"Unknown model 'vit_q'.*litemedsam"):
         ModelSource.parse("vit_q")
     with pytest.raises(ValueError, match="not both"):
         ModelSource.parse(checkpoint=ours, sam_checkpoint=sam_file)
@@ -652,7 +653,9 @@ def test_model_source_identity_follows_content_not_names(trained, sam_file, auth
     assert lite.files[0][2] == LITEMEDSAM_SHA256 and "embedded" in lite.description
 
 
-def test_model_source_load_matches_direct_loaders(trained, sam_file, authors_file, images, tmp_path):
+def test_model_source_load_matches_direct_loaders(
+    trained, sam_file, authors_file, images, tmp_path
+):
     from napari_masam.checkpoints import ModelSource
 
     ours = ckpt.save_checkpoint(trained, tmp_path / "m.safetensors")
@@ -664,3 +667,26 @@ def test_model_source_load_matches_direct_loaders(trained, sam_file, authors_fil
         torch.testing.assert_close(_out(model, images), _out(trained, images), rtol=0, atol=0)
     with pytest.raises(CheckpointError, match="not MA-SAM vit_b"):
         ModelSource.parse("masam_vit_b", checkpoint=ours).load("cpu")
+
+
+@pytest.mark.parametrize("which", ["ours", "authors"])
+def test_interrupted_save_keeps_the_previous_file(trained, tmp_path, monkeypatch, which):
+    import safetensors.torch
+
+    path = tmp_path / ("m.safetensors" if which == "ours" else "m.pth")
+    save = ckpt.save_checkpoint if which == "ours" else ckpt.save_authors_checkpoint
+    save(trained, path)
+    before = path.read_bytes()
+
+    def half_then_ctrl_c(obj, target, *args, **kwargs):
+        Path(target).write_bytes(b"half")
+        raise KeyboardInterrupt
+
+    if which == "ours":
+        monkeypatch.setattr(safetensors.torch, "save_file", half_then_ctrl_c)
+    else:
+        monkeypatch.setattr(torch, "save", half_then_ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        save(trained, path)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]

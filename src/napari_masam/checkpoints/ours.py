@@ -110,6 +110,9 @@ def save_checkpoint(
 ) -> Path:
     """Write one self-contained safetensors file: full state + kind, config, metadata.
 
+    Written to a temporary sibling and renamed into place (``io._common.atomic_path``): an
+    interrupted save leaves the previous file intact.
+
     Header entries (all strings): ``format`` (``"napari-masam"``), ``format_version``,
     ``kind``, ``config`` (JSON), ``metadata`` (JSON of :class:`ModelMetadata`, provenance
     included), ``base_sha256`` (the SAM base's digest when known) and ``napari_masam_version``.
@@ -142,7 +145,10 @@ def save_checkpoint(
         "base_sha256": str(merged.get("sam_sha256") or meta.sha256 or ""),
         "napari_masam_version": __version__,
     }
-    save_file(_unshare(model.state_dict()), str(path), metadata=header)
+    from ..io._common import atomic_path
+
+    with atomic_path(path) as tmp:  # an interrupted save keeps the previous file
+        save_file(_unshare(model.state_dict()), str(tmp), metadata=header)
     return path
 
 

@@ -528,7 +528,8 @@ def load_masam(
 def save_authors_checkpoint(model: MASAM, path: PathLike) -> Path:
     """Write the trainable parts in the authors' format (flat dict, their names and order).
 
-    The file loads in the authors' code and back here with :func:`load_masam` (together with
+    Written atomically (a temporary sibling renamed into place). The file loads in the
+    authors' code and back here with :func:`load_masam` (together with
     the SAM base it was trained on).
     """
     torch = _torch()
@@ -536,5 +537,8 @@ def save_authors_checkpoint(model: MASAM, path: PathLike) -> Path:
     state = {
         k: v.detach().to("cpu").clone() for k, v in authors_checkpoint_state_dict(model).items()
     }
-    torch.save(state, path)
+    from ..io._common import atomic_path
+
+    with atomic_path(path) as tmp:  # an interrupted save keeps the previous file
+        torch.save(state, tmp)
     return path

@@ -68,19 +68,13 @@ class RunFolder:
         """One of our single-file checkpoints (``best``/``last``)."""
         from ..checkpoints import save_checkpoint
 
-        path = self.path / name
-        with atomic_path(path) as tmp:
-            save_checkpoint(model, tmp)
-        return path
+        return save_checkpoint(model, self.path / name)  # atomic itself
 
     def save_authors(self, model: SegmentationModel) -> Path:
         """``best_authors.pth``: the trainable parts in the MA-SAM authors' format."""
         from ..checkpoints import save_authors_checkpoint
 
-        path = self.path / AUTHORS_NAME
-        with atomic_path(path) as tmp:
-            save_authors_checkpoint(model, tmp)  # type: ignore[arg-type]
-        return path
+        return save_authors_checkpoint(model, self.path / AUTHORS_NAME)  # type: ignore[arg-type]
 
     def save_history(self, history: list[dict[str, Any]]) -> Path:
         """``history.json``: per epoch loss, learning rate and validation Dice."""
