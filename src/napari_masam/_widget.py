@@ -970,7 +970,9 @@ class MASAMWidget(Container):
         if session is None:
             from .session import SegmentationSession
 
-            session = SegmentationSession.from_source(request.source, device=request.device)
+            session = SegmentationSession.from_source(
+                request.source, device=request.device, cache_dir=_embedding_cache_dir()
+            )
             yield SessionLoaded(session, request.model_key)
         from .inference import check_mode
 
@@ -1512,6 +1514,20 @@ def _result_class_info(result: Any, labels: np.ndarray) -> tuple[list[str], list
             [color_by_id.get(i, _layers.object_color(i)) for i in range(1, top + 1)],
         )
     return _layers.class_info_or_default(names, colors, range(top + 1))
+
+
+def _embedding_cache_dir() -> Path | None:
+    """The per-user on-disk embedding cache shared with ``napari-masam precompute`` (keys are
+    content + model + preprocessing, so reopening an image does not encode it again)."""
+    from . import cache
+
+    finder = getattr(cache, "default_cache_dir", None)
+    if finder is None:
+        from .cli import default_cache_dir as finder
+    try:
+        return Path(finder())
+    except (OSError, ImportError):  # no usable cache folder: memory only
+        return None
 
 
 def _is_physical(image: Any, info: _layers.LayerStack) -> bool:

@@ -643,7 +643,9 @@ def _export_controls(export_choices: Any) -> tuple[Any, ...]:
     )
     export_btn = PushButton(
         text="Export...",
-        tooltip="Write the chosen labels layer in the source image's format and grid.",
+        tooltip="Write the chosen labels layer in the source image's format and grid. (napari's "
+        "File > Save uses the writer of the filter selected in its dialog, whatever ending you "
+        "type; this button always writes the image's format.)",
     )
     return export_layer, export_format, export_btn
 

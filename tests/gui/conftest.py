@@ -54,6 +54,12 @@ def litemedsam_session():
     return SegmentationSession.from_source("litemedsam", device="cpu")
 
 
+@pytest.fixture(autouse=True)
+def _private_cache_home(tmp_path_factory, monkeypatch):
+    """Models the widget loads keep embeddings in the per-user disk cache: a temporary one here."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("cache_home")))
+
+
 @pytest.fixture
 def viewer_widget(make_napari_viewer):
     """A shown viewer with the segmentation widget docked."""
