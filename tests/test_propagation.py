@@ -264,3 +264,16 @@ def test_errors(data) -> None:
         next(iter_propagate(Threshold(), image, {}, masks={1: {3: np.ones((4, 4), bool)}}))
     with pytest.raises(ValueError, match="min_area_fraction"):
         PropagationConfig(min_area_fraction=1.5)
+
+
+def test_next_box_does_not_collapse_with_max_shrink() -> None:
+    m = np.zeros((40, 40), bool)
+    m[18:22, 18:22] = True  # the model found only a small part of the object
+    free = PropagationConfig(margin_px=2).next_box(m, (5, 5, 35, 35))
+    assert free == (16, 16, 23, 23)
+    held = PropagationConfig(margin_px=2, max_shrink_px=1).next_box(m, (5, 5, 35, 35))
+    assert held == (6, 6, 34, 34)  # each side moved in by 1 pixel only
+    grown = np.zeros((40, 40), bool)
+    grown[2:39, 10:20] = True  # outward the box follows the mask (+ margin), clipped
+    assert PropagationConfig(max_shrink_px=1).next_box(grown, (12, 12, 18, 18)) == (8, 0, 21, 39)
+    assert PropagationConfig().next_box(np.zeros((5, 5), bool), None) is None

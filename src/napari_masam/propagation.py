@@ -56,7 +56,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .io._common import label_dtype_for
-from .prompts import check_boxes_in_stack, expand_box, mask_box
+from .prompts import check_boxes_in_stack, clip_box, expand_box, mask_box
 
 if TYPE_CHECKING:
     import torch
@@ -90,6 +90,10 @@ class PropagationConfig:
     max_growth : float
         The walk ended (leaked) when a slice's mask has more than ``max_growth`` times the
         pixels of the previous slice's mask.
+    max_shrink_px : float or None
+        Each side of the next box moves inward by at most this many pixels per slice (outward
+        it follows the mask freely); None: the box is the grown mask box. Keeps a walk from
+        collapsing onto a part of the object when the model under-segments one slice.
     """
 
     margin_px: float = 2.0
@@ -97,6 +101,7 @@ class PropagationConfig:
     min_area_fraction: float = 0.1
     min_area_px: int = 4
     max_growth: float = 3.0
+    max_shrink_px: float | None = None
 
     def __post_init__(self) -> None:
         if self.margin_px < 0 or self.margin_fraction < 0:
@@ -109,6 +114,37 @@ class PropagationConfig:
             raise ValueError(f"min_area_px must be >= 1, got {self.min_area_px}.")
         if not self.max_growth > 1:
             raise ValueError(f"max_growth must be > 1, got {self.max_growth}.")
+        if self.max_shrink_px is not None and self.max_shrink_px < 0:
+            raise ValueError(f"max_shrink_px must be >= 0 or None, got {self.max_shrink_px}.")
+
+    def next_box(
+        self,
+        mask_yx: np.ndarray,
+        previous_box: Sequence[float] | None,
+    ) -> tuple[int, int, int, int] | None:
+        """The prompt of the next slice from the mask just found (None for an empty mask)."""
+        box = mask_box(mask_yx)
+        if box is None:
+            return None
+        grown = expand_box(
+            box,
+            mask_yx.shape,
+            margin_px=self.margin_px,
+            margin_fraction=self.margin_fraction,
+        )
+        if self.max_shrink_px is None or previous_box is None:
+            return grown
+        s = float(self.max_shrink_px)
+        px0, py0, px1, py1 = (float(v) for v in previous_box)
+        return clip_box(
+            (
+                min(grown[0], px0 + s),
+                min(grown[1], py0 + s),
+                max(grown[2], px1 - s),
+                max(grown[3], py1 - s),
+            ),
+            mask_yx.shape,
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able (results' ``preprocessing["propagation"]``)."""
@@ -555,9 +591,8 @@ def iter_propagate(
                 end_walk(walk, None)
                 continue
             walk.ref_area = walk.prev_area = area
-            walk.box = expand_box(
-                box, shape_yx, margin_px=config.margin_px, margin_fraction=config.margin_fraction
-            )
+            kind, value = keyframes[walk.oid][walk.origin]
+            walk.box = config.next_box(m, value if kind == "box" else None)
         for z in ready():
             done += 1
             yield finish(z)
@@ -587,12 +622,7 @@ def iter_propagate(
                     continue
                 contribute(walk.oid, z, walk.weight(z), _Crop.of(prob))
                 walk.prev_area = area
-                walk.box = expand_box(
-                    mask_box(m),  # type: ignore[arg-type]
-                    shape_yx,
-                    margin_px=config.margin_px,
-                    margin_fraction=config.margin_fraction,
-                )
+                walk.box = config.next_box(m, walk.box)
                 walk.pos += walk.step
                 if (walk.pos - walk.limit) * walk.step > 0:
                     walk.active = False
