@@ -373,9 +373,13 @@ class VideoReader:
             "container_frames": self.container_frames,
             "index": "decode-order",
             "index_source": self.index_source,
-            "damaged_frames": sorted(self.damaged_frames),
+            "damaged_frames": self._damaged_list(),
             "damaged_fill": "black" if self._damaged_policy == "fill" else "error",
         }
+
+    def _damaged_list(self) -> list[int]:
+        with self._lock:  # a reading thread may be adding to it
+            return sorted(self.damaged_frames)
 
     # ------------------------------------------------------------------------------ decoding
     def get_frames(self, indices: Iterable[int]) -> list[np.ndarray]:
