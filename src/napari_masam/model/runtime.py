@@ -365,7 +365,12 @@ class _Session:
             import openvino as ov
 
             core = ov.Core()
-            config = {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": "f32"}
+            config = {
+                "INFERENCE_NUM_THREADS": threads,
+                "INFERENCE_PRECISION_HINT": "f32",
+                # compiled blobs beside the graphs: later processes skip most of the compile
+                "CACHE_DIR": str(folder / "openvino_cache"),
+            }
             self._enc = core.compile_model(core.read_model(str(enc)), "CPU", config)
             self._dec = core.compile_model(core.read_model(str(dec)), "CPU", config)
         else:  # pragma: no cover - guarded by callers
