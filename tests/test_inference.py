@@ -626,3 +626,21 @@ def test_precomputed_window_makes_chunks_independent() -> None:
     assert (own != whole[:3]).any()  # without it, the chunk's labels change
     with pytest.raises(ValueError, match="window"):
         next(iter_segment_automatic(single, vol, preset="mri", window=(1.0, float("nan"))))
+
+
+def test_run_calls_on_yield_and_returns_the_value() -> None:
+    def gen():
+        yield 1
+        yield 2
+        return "done"
+
+    seen: list[int] = []
+    assert run(gen(), on_yield=seen.append) == "done" and seen == [1, 2]
+
+
+def test_preferred_batch_size_on_cpu(model, monkeypatch) -> None:
+    from napari_masam.inference import default_batch_size
+
+    assert default_batch_size(model, torch.device("cpu")) == 1
+    monkeypatch.setattr(model, "preferred_batch_size", 4, raising=False)
+    assert default_batch_size(model, torch.device("cpu")) == 4

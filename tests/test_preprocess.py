@@ -275,3 +275,32 @@ def test_non_finite_policy_and_dtype_checks() -> None:
         check_stack_dtype(np.zeros((2, 2, 2), np.complex128))
     with pytest.raises(TypeError, match="numeric"):
         check_stack_dtype(np.zeros((2, 2, 2), object))
+
+
+def test_pipeline_default_orientation_is_the_display_one() -> None:
+    from napari_masam.preprocess import DISPLAY_ORIENTATION, StackPipeline
+
+    grey = np.zeros((3, 8, 10), np.float32)
+    kw = dict(
+        image_size=16, slices_per_group=1, resize_mode="stretch", preset=INTENSITY_PRESETS["minmax"]
+    )
+    # a model trained on transposed display slices gets them transposed, slice axis kept
+    pipe = StackPipeline(grey, model_orientation="SLP", **kw)
+    assert (
+        DISPLAY_ORIENTATION == "SPL"
+        and pipe.transform.perm == (0, 2, 1)
+        and pipe.shape == (3, 10, 8)
+    )
+    assert StackPipeline(grey, model_orientation="SPL", **kw).transform.is_identity
+    assert StackPipeline(grey, model_orientation="", **kw).transform.is_identity
+    rgb = np.zeros((3, 8, 10, 3), np.uint8)
+    assert StackPipeline(rgb, model_orientation="SLP", **kw).transform.is_identity  # video: none
+    explicit = StackPipeline(grey, model_orientation="SLP", stack_orientation="SLP", **kw)
+    assert explicit.transform.is_identity
+
+
+def test_default_cache_dir_is_per_user() -> None:
+    from napari_masam.cache import default_cache_dir
+
+    d = default_cache_dir()
+    assert d.name == "embeddings" and d.parent.name == "napari-masam"

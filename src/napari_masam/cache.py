@@ -41,6 +41,15 @@ DEFAULT_MAX_BYTES = 1 << 30
 DEFAULT_MAX_DISK_BYTES = 20 << 30
 
 
+def default_cache_dir() -> Path:
+    """THE default on-disk embedding folder (per user): ``<user cache dir>/napari-masam/
+    embeddings`` (``platformdirs.user_cache_dir``; e.g. ``~/.cache/napari-masam/embeddings`` on
+    Linux). Not created here."""
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("napari-masam")) / "embeddings"
+
+
 def hash_array(arr: np.ndarray) -> str:
     """Content digest of an array (dtype, shape and bytes): 32 hex characters (blake2b-128)."""
     a = np.ascontiguousarray(arr)

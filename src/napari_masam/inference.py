@@ -25,7 +25,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Generator, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -160,26 +160,38 @@ class SegmentationResult:
         }
 
 
-def run(generator: Generator[Any, Any, T]) -> T:
-    """Drive an ``iter_*`` generator to the end and return its result."""
+def run(generator: Generator[Any, Any, T], on_yield: Callable[[Any], None] | None = None) -> T:
+    """Drive an ``iter_*`` generator to the end and return its result (THE drain helper).
+
+    Parameters
+    ----------
+    generator : Generator
+    on_yield : callable or None
+        Called with every yielded item (e.g. a progress printer).
+    """
     while True:
         try:
-            next(generator)
+            item = next(generator)
         except StopIteration as stop:
             return stop.value
+        if on_yield is not None:
+            on_yield(item)
 
 
 # ----------------------------------------------------------------------------------------------
 # Helpers
 # ----------------------------------------------------------------------------------------------
 def default_batch_size(model: SegmentationModel, device: torch.device) -> int:
-    """Windows per forward pass: 1 on CPU (compute bound; batching only costs memory); on a GPU,
+    """Windows per forward pass: on CPU the model's ``preferred_batch_size`` if it declares one,
+    else 1 (compute bound; batching only costs memory); on a GPU,
     what fits in about half the free memory at a rough 4 kB per input pixel per slice
     (ViT activations), between 1 and :data:`MAX_BATCH_WINDOWS`."""
     import torch
 
     if device.type != "cuda":
-        return 1
+        # a model may declare what suits its runtime on CPUs (e.g. an ONNX/OpenVINO backend)
+        preferred = getattr(model, "preferred_batch_size", None)
+        return int(preferred) if preferred else 1
     try:
         free, _ = torch.cuda.mem_get_info(device)
     except Exception:  # pragma: no cover - old drivers
@@ -491,7 +503,9 @@ def iter_segment_automatic(
         Reuse/store the embeddings of every window row (then a later box run on the same stack
         finds its embeddings here).
     stack_orientation : str or None
-        Axis codes of the stack (default: the model's, no reorientation).
+        Axis codes of the stack. None: ``"SPL"`` (the readers' display orientation) for grey
+        stacks, ``""`` (none) for RGB ones (:class:`~napari_masam.preprocess.StackPipeline`);
+        slices are reoriented when the model declares another orientation.
     out : array-like or None
         Preallocated (Z, Y, X) target written slice by slice (e.g. a memmap or a napari Labels
         layer's data); returned as ``result.labels``.

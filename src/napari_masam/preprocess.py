@@ -727,6 +727,10 @@ def orientation_transform(
 # ----------------------------------------------------------------------------------------------
 # The pipeline: stack slice -> model input (pixels and boxes), one road for every caller
 # ----------------------------------------------------------------------------------------------
+#: Axis codes of the grey stacks the readers give (= ``napari_masam.model.base.
+#: DISPLAY_ORIENTATION``, repeated here so that preprocessing imports no torch).
+DISPLAY_ORIENTATION = "SPL"
+
 #: What happens to NaN / +-Inf voxels (recorded in results as ``preprocessing["non_finite"]``).
 NON_FINITE_POLICY = "replace_with_slice_finite_min"
 
@@ -850,7 +854,9 @@ class StackPipeline:
         Axis codes the model was trained in (``ModelMetadata.orientation``).
     preset : IntensityPreset
     stack_orientation : str or None
-        Axis codes of the stack (None: the model's, no reorientation).
+        Axis codes of the stack. None: :data:`DISPLAY_ORIENTATION` (``"SPL"``, what the
+        napari-masam readers give) for grey stacks, ``""`` (no transform) for RGB stacks; a
+        model trained in another orientation then gets its slices reoriented.
     window : (float, float) or None
         Volume-level window in raw units, computed once per input; None: computed here by
         :func:`volume_window` when :func:`needs_volume_window` (pass it when one input is
@@ -896,7 +902,9 @@ class StackPipeline:
             raise ValueError("The stack has no slices.")
         check_stack_dtype(stack)
         if stack_orientation is None:
-            stack_orientation = model_orientation
+            # what every napari-masam reader gives: the display orientation for grey volumes;
+            # RGB stacks (video, photographs) have no anatomical axes
+            stack_orientation = "" if self.rgb else DISPLAY_ORIENTATION
         self.model_orientation = model_orientation
         self.transform: OrientationTransform = orientation_transform(
             stack_orientation, model_orientation
