@@ -569,6 +569,11 @@ def test_header_config_compared_with_tensor_shapes_before_build(trained, tmp_pat
     huge = _rewrite_header(good, tmp_path / "huge.safetensors", lambda c: c.update(depth=10**9))
     with pytest.raises(CheckpointError, match="impossible sizes"):
         ckpt.load_checkpoint(huge)
+    many = _rewrite_header(
+        good, tmp_path / "classes.safetensors", lambda c: c.update(num_classes=60_000)
+    )
+    with pytest.raises(CheckpointError, match=r"mask_tokens\.weight \(4, 64\) vs \(60001, 64\)"):
+        ckpt.load_checkpoint(many)
 
 
 def test_lite_header_bounded_by_tensors_held(tmp_path, monkeypatch):
@@ -585,6 +590,11 @@ def test_lite_header_bounded_by_tensors_held(tmp_path, monkeypatch):
     _no_build(monkeypatch)
     with pytest.raises(CheckpointError, match=r"lite_giant\.safetensors.*parameters.*numbers"):
         ckpt.load_checkpoint(lying)
+    classes = _rewrite_header(
+        good, tmp_path / "lite_classes.safetensors", lambda c: c.update(num_classes=60_000)
+    )
+    with pytest.raises(CheckpointError, match="parameters"):
+        ckpt.load_checkpoint(classes)
 
 
 def test_partial_sam_base_refused_instead_of_random_frozen_parts(sam_file, tmp_path):

@@ -265,6 +265,13 @@ def _masam_structure(config: Mapping[str, Any], held: Mapping[str, tuple[int, ..
         problems.append(
             f"embed_dim {dim} but image_encoder.patch_embed.proj.weight is {tuple(patch)}"
         )
+    tokens = held.get("mask_decoder.mask_tokens.weight")
+    classes = config.get("num_classes")
+    if tokens and isinstance(classes, int) and classes + 1 != tokens[0]:
+        problems.append(
+            f"mask_decoder.mask_tokens.weight {tuple(tokens)} vs {(classes + 1, *tokens[1:])} "
+            f"(num_classes {classes} + background)"
+        )
     return problems
 
 
@@ -286,11 +293,15 @@ def _expected_shapes(kind: str, config: Mapping[str, Any]) -> dict[str, tuple[in
 
 
 def _lite_size_estimate(config: Mapping[str, Any]) -> int:
-    """Rough parameter count of a lite model's TinyViT encoder from its config (12 d^2 per block)."""
+    """Rough parameter count of a lite model from its config: TinyViT blocks (12 d^2 each) and
+    the decoder's per-class parts."""
     encoder = config.get("encoder") or {}
     dims = encoder.get("embed_dims") or []
     depths = encoder.get("depths") or []
-    return sum(12 * int(d) * int(d) * int(n) for d, n in zip(dims, depths))
+    blocks = sum(12 * int(d) * int(d) * int(n) for d, n in zip(dims, depths))
+    # each class adds a mask token and a hypernetwork MLP in the decoder (~140 k numbers)
+    classes = int(config.get("num_classes") or 0) + 1
+    return blocks + 140_000 * classes
 
 
 def check_header_against_tensors(
