@@ -252,9 +252,18 @@ class MASAMWidget(Container):
         if isinstance(root, QScrollArea):
             root.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
             root.setWidgetResizable(True)
-            root.setMinimumWidth(self.native.minimumSizeHint().width() + 20)
             # a dock may be much shorter than the content: the content scrolls
             root.setMinimumHeight(120)
+        self._fit_min_width()
+
+    def _fit_min_width(self) -> None:
+        """The dock is never narrower than the content (controls shown later widen it), so
+        nothing is clipped at the right edge; the height scrolls instead."""
+        from qtpy.QtWidgets import QScrollArea
+
+        root = self.root_native_widget
+        if isinstance(root, QScrollArea):
+            root.setMinimumWidth(self.native.minimumSizeHint().width() + 20)
 
     # ------------------------------------------------------------------ layer choices
     def _image_choices(self, _widget: Any = None) -> list[tuple[str, Any]]:
@@ -378,6 +387,7 @@ class MASAMWidget(Container):
         walking = self._propagate.visible and bool(self._propagate.value)
         for control in (self._first_slice, self._last_slice, self._keyframe_btn):
             control.visible = walking
+        self._fit_min_width()
         if automatic and automatic_support(self._model.value) == "untrained":
             self._set_status(automatic_note(self._model.value))
 
@@ -1148,6 +1158,7 @@ class MASAMWidget(Container):
 
     def _show_objects(self) -> None:
         self._objects_table.show_records(self._objects)
+        self._fit_min_width()
 
     def _rename_object(self, obj: int, name: str) -> None:
         record = self._objects[obj]

@@ -597,18 +597,18 @@ def _commit_controls(target_choices: Any) -> tuple[Any, ...]:
         "background voxels are written, nothing is removed. Always one undo step (Ctrl+Z).",
     )
     run_btn = PushButton(
-        text="Run (Alt-R)",
+        text="Run",
         tooltip="Segment the image (Alt-R). Box mode adds to the preview: only objects whose "
         "boxes changed since their last run are recomputed.",
     )
     cancel_btn = PushButton(
-        text="Cancel (Alt-C)",
+        text="Cancel",
         enabled=False,
         tooltip="Stop after the current slice (Alt-C); the previous preview stays, slices "
         "already done in this run are kept.",
     )
     commit_btn = PushButton(
-        text="Commit (Alt-M)",
+        text="Commit",
         enabled=False,
         tooltip="Write the preview into the 'commit to' layer with the preserve policy (Alt-M); "
         "object names and colours go with it.",

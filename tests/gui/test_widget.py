@@ -678,12 +678,16 @@ def test_automatic_mode_is_said_impossible_before_any_work(viewer_widget, monkey
 def test_docked_widget_scrolls_instead_of_cropping_the_canvas(viewer_widget) -> None:
     from qtpy.QtWidgets import QScrollArea
 
-    _viewer, widget = viewer_widget
+    viewer, widget = viewer_widget
     root = widget.root_native_widget
     assert isinstance(root, QScrollArea)
+    viewer.add_image(np.zeros((5, 32, 32), np.float32), name="vol")  # shows the propagate group
+    assert widget._propagate.visible and widget._first_slice.visible
     content = widget.native.sizeHint().height()
     assert content > 400  # the panel is tall...
     assert root.minimumSizeHint().height() < 300  # ...but the dock can be short: it scrolls
+    # ...and never narrower than its content: nothing is clipped at the right edge
+    assert root.minimumWidth() >= widget.native.minimumSizeHint().width()
 
 
 def test_request_from_controls_is_pure_and_typed(tmp_path) -> None:
