@@ -700,3 +700,12 @@ def test_interrupted_save_keeps_the_previous_file(trained, tmp_path, monkeypatch
         save(trained, path)
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == [path.name]
+
+
+def test_authors_file_class_count_bounded_by_what_it_holds(sam_file, authors_file, tmp_path):
+    state = torch.load(authors_file, map_location="cpu", weights_only=True)
+    # 60000 mask tokens (61 MB) would size a decoder of ~60000 hypernetwork MLPs
+    state["mask_decoder.mask_tokens.weight"] = torch.zeros(60_000, 1)
+    edited = _save(state, tmp_path / "masam_edited.pth")
+    with pytest.raises(CheckpointError, match=r"masam_edited\.pth.*60000 masks.*holds 4 output"):
+        _load(sam_file, edited)

@@ -284,6 +284,19 @@ def _check_masam_against_sam(
     tokens = ours.get("mask_decoder.mask_tokens.weight")
     if tokens is not None:
         found["num_classes"] = int(tokens.shape[0]) - 1
+        heads = {
+            int(m[1])
+            for k in ours
+            if (m := re.match(r"mask_decoder\.output_hypernetworks_mlps\.(\d+)\.", k))
+        }
+        if len(heads) != tokens.shape[0]:
+            # the class count sizes the decoder: it must be what the file really holds
+            raise CheckpointError(
+                f"{masam_path}: mask_decoder.mask_tokens.weight {_shape(tokens)} declares "
+                f"{tokens.shape[0]} masks (classes + background) but the file holds "
+                f"{len(heads)} output_hypernetworks_mlps; it is incomplete or edited. Use the "
+                "original MA-SAM checkpoint."
+            )
     return found
 
 
