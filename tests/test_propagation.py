@@ -277,3 +277,23 @@ def test_next_box_does_not_collapse_with_max_shrink() -> None:
     grown[2:39, 10:20] = True  # outward the box follows the mask (+ margin), clipped
     assert PropagationConfig(max_shrink_px=1).next_box(grown, (12, 12, 18, 18)) == (8, 0, 21, 39)
     assert PropagationConfig().next_box(np.zeros((5, 5), bool), None) is None
+
+
+def test_follow_motion_keeps_a_fast_object() -> None:
+    frames = np.zeros((10, S, S), np.float32)
+    frames[:, 0, 0] = 0.2
+    truth = np.zeros((10, S, S), np.uint8)
+    for t in range(10):
+        c0 = 4 + 5 * t  # 5 columns per frame: more than the 2 px margin
+        frames[t, 20:30, c0 : c0 + 8] = 1.0
+        truth[t, 20:30, c0 : c0 + 8] = 1
+    boxes = {1: {0: box_of(truth, 0)}}
+    # margin 3 < motion 5: the first step finds a part of the object (no velocity yet); the
+    # plain walk then lags further behind every frame, the motion-following one catches up
+    plain = PropagationConfig(margin_px=3)
+    lost = run(iter_propagate(Threshold(), frames, boxes, config=plain)).labels
+    assert (lost[2:] != truth[2:]).any()
+    moving = PropagationConfig(margin_px=3, follow_motion=True)
+    tracked = run(iter_propagate(Threshold(), frames, boxes, config=moving)).labels
+    assert 0 < tracked[1].sum() < truth[1].sum()
+    np.testing.assert_array_equal(tracked[2:], truth[2:])

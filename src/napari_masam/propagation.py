@@ -94,6 +94,9 @@ class PropagationConfig:
         Each side of the next box moves inward by at most this many pixels per slice (outward
         it follows the mask freely); None: the box is the grown mask box. Keeps a walk from
         collapsing onto a part of the object when the model under-segments one slice.
+    follow_motion : bool
+        Shift the next box by the displacement of the mask's centroid over the last step
+        (constant-velocity prediction), for objects that move between frames.
     """
 
     margin_px: float = 2.0
@@ -102,6 +105,7 @@ class PropagationConfig:
     min_area_px: int = 4
     max_growth: float = 3.0
     max_shrink_px: float | None = None
+    follow_motion: bool = False
 
     def __post_init__(self) -> None:
         if self.margin_px < 0 or self.margin_fraction < 0:
@@ -121,21 +125,30 @@ class PropagationConfig:
         self,
         mask_yx: np.ndarray,
         previous_box: Sequence[float] | None,
+        shift_yx: tuple[float, float] = (0.0, 0.0),
     ) -> tuple[int, int, int, int] | None:
-        """The prompt of the next slice from the mask just found (None for an empty mask)."""
+        """The prompt of the next slice from the mask just found (None for an empty mask).
+
+        ``shift_yx``: predicted motion (rows, columns) added to the box (``follow_motion``)."""
         box = mask_box(mask_yx)
         if box is None:
             return None
-        grown = expand_box(
-            box,
-            mask_yx.shape,
-            margin_px=self.margin_px,
-            margin_fraction=self.margin_fraction,
-        )
+        dy, dx = shift_yx if self.follow_motion else (0.0, 0.0)
+        moved = (box[0] + dx, box[1] + dy, box[2] + dx, box[3] + dy)
+        try:
+            grown = expand_box(
+                moved,
+                mask_yx.shape,
+                margin_px=self.margin_px,
+                margin_fraction=self.margin_fraction,
+            )
+        except ValueError:  # predicted to leave the image
+            return None
         if self.max_shrink_px is None or previous_box is None:
             return grown
         s = float(self.max_shrink_px)
         px0, py0, px1, py1 = (float(v) for v in previous_box)
+        px0, px1, py0, py1 = px0 + dx, px1 + dx, py0 + dy, py1 + dy
         return clip_box(
             (
                 min(grown[0], px0 + s),
@@ -192,6 +205,7 @@ class _Walk:
     box: tuple[int, int, int, int] | None = None
     ref_area: int = 0
     prev_area: int = 0
+    centroid: tuple[float, float] | None = None
     active: bool = True
 
     def weight(self, z: int) -> float:
@@ -215,6 +229,11 @@ class _SliceState:
 
     def pending(self) -> int:
         return sum(n - len(self.parts.get(oid, ())) for oid, n in self.expected.items())
+
+
+def _centroid(mask: np.ndarray) -> tuple[float, float]:
+    rows, cols = np.nonzero(mask)
+    return float(rows.mean()), float(cols.mean())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -591,8 +610,11 @@ def iter_propagate(
                 end_walk(walk, None)
                 continue
             walk.ref_area = walk.prev_area = area
+            walk.centroid = _centroid(m)
             kind, value = keyframes[walk.oid][walk.origin]
             walk.box = config.next_box(m, value if kind == "box" else None)
+            if walk.box is None:
+                end_walk(walk, None)
         for z in ready():
             done += 1
             yield finish(z)
@@ -622,10 +644,17 @@ def iter_propagate(
                     continue
                 contribute(walk.oid, z, walk.weight(z), _Crop.of(prob))
                 walk.prev_area = area
-                walk.box = config.next_box(m, walk.box)
+                c = _centroid(m)
+                shift = (0.0, 0.0)
+                if walk.centroid is not None:
+                    shift = (c[0] - walk.centroid[0], c[1] - walk.centroid[1])
+                walk.centroid = c
                 walk.pos += walk.step
+                walk.box = config.next_box(m, walk.box, shift)
                 if (walk.pos - walk.limit) * walk.step > 0:
                     walk.active = False
+                elif walk.box is None:  # the object is predicted to leave the image
+                    end_walk(walk, None)
             for z in ready():
                 done += 1
                 yield finish(z)
