@@ -690,3 +690,38 @@ def test_resume_state_carrying_code_is_refused_plainly(phantom_case, tmp_path, c
         next(gen)
     assert "weights_only" not in str(info.value)
     assert "this ran" not in capsys.readouterr().out
+
+
+def test_cli_first_ctrl_c_stops_within_the_step_and_keeps_a_resumable_state(
+    tmp_path, monkeypatch, capsys
+):
+    import signal
+
+    import nibabel as nib
+
+    from napari_masam.checkpoints import save_checkpoint
+    from napari_masam.cli import main
+    from napari_masam.training import cli as train_cli
+
+    image, labels = make_phantom(depth=10)
+    affine = np.diag([1.0, 1.0, 2.0, 1.0])
+    nib.save(nib.Nifti1Image(image.transpose(2, 1, 0), affine), tmp_path / "ph.nii.gz")
+    nib.save(nib.Nifti1Image(labels.transpose(2, 1, 0), affine), tmp_path / "ph_labels.nii.gz")
+    start = save_checkpoint(build_training_model("tiny", 2), tmp_path / "tiny.safetensors")
+    real_line = train_cli._progress_line
+
+    def ctrl_c_after_first_step(progress):
+        if progress.step == 1:
+            signal.raise_signal(signal.SIGINT)  # what a terminal's Ctrl-C sends
+        return real_line(progress)
+
+    monkeypatch.setattr(train_cli, "_progress_line", ctrl_c_after_first_step)
+    out = tmp_path / "run"
+    argv = ["train", str(tmp_path), "-o", str(out), "--init-checkpoint", str(start)]
+    argv += ["--slab-thickness", "5", "--val-fraction", "0.5", "--epochs", "3"]
+    argv += ["--batch-size", "1", "--device", "cpu"]
+    assert main(argv) == 130
+    assert "resume with --resume" in capsys.readouterr().err
+    state = torch.load(out / "resume.pt", map_location="cpu", weights_only=True)
+    assert state["step"] == 1  # the step in flight when Ctrl-C came was dropped cleanly
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

@@ -6,10 +6,14 @@ Importing this module costs no torch; :func:`run_train` imports the loop when it
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
+import signal
 import sys
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -204,6 +208,10 @@ def run_train(args: argparse.Namespace) -> int:
         seed=config.seed,
         image_size=image_size if args.backbone == "masam-lite" else None,
     )
+    from ..inference import run
+
+    out = sys.stderr
+    stop = threading.Event()
     gen = iter_train(
         model,
         cases,
@@ -212,29 +220,47 @@ def run_train(args: argparse.Namespace) -> int:
         output_dir=args.output,
         device=device,
         resume=args.resume,
+        should_stop=stop.is_set,
     )
-    out = sys.stderr
-    outcome: list[Any] = []
 
-    def relay() -> Any:
-        outcome.append((yield from gen))  # the run's result, once the loop below ends
+    def show(progress: Any) -> None:
+        if not args.quiet:
+            out.write(_progress_line(progress))
+            out.flush()
 
-    try:
-        for progress in relay():
-            if not args.quiet:
-                out.write(_progress_line(progress))
-                out.flush()
-    except KeyboardInterrupt:
-        gen.close()
+    with _first_ctrl_c_stops(stop, out):
+        result = run(gen, on_yield=show)
+    if result.cancelled:
         out.write(f"\ncancelled; resume with --resume -o {args.output}\n")
         return 130
-    result = outcome[0]
     if not args.quiet:
         out.write(
             f"\nbest epoch {result.best_epoch}, mean Dice {result.best_mean_dice:.3f}: "
             f"{result.best_path}\n"
         )
     return 0
+
+
+@contextlib.contextmanager
+def _first_ctrl_c_stops(stop: threading.Event, out: Any) -> Iterator[None]:
+    """The first Ctrl-C sets ``stop`` (the run ends within its current step, state saved); a
+    second one interrupts at once. Plain Ctrl-C behaviour outside the main thread."""
+
+    def on_sigint(signum: int, frame: Any) -> None:
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+        out.write("\nstopping within this step (Ctrl-C again to abort at once) ...\n")
+
+    try:
+        previous = signal.signal(signal.SIGINT, on_sigint)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _progress_line(progress: Any) -> str:

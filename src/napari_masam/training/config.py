@@ -7,11 +7,14 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-#: Backbones offered to users (CLI ``--backbone``, the Fine-tune widget's drop-down).
-BACKBONES = ("masam-lite", "vit_b", "vit_l", "vit_h")
+from ..model.config import TEST_CONFIG_NAMES, USER_CONFIGS
+
+#: Backbones offered to users (CLI ``--backbone``, the Fine-tune widget's drop-down):
+#: MA-SAM-Lite and the user-facing MA-SAM ViT configs of :mod:`napari_masam.model.config`.
+BACKBONES: tuple[str, ...] = ("masam-lite", *USER_CONFIGS)
 #: Random tiny MA-SAMs for tests: :func:`napari_masam.training.build_training_model` builds
 #: them, no menu offers them.
-TEST_BACKBONES = ("tiny", "tiny_train")
+TEST_BACKBONES: tuple[str, ...] = TEST_CONFIG_NAMES
 
 
 @dataclass(frozen=True)
