@@ -173,6 +173,13 @@ def main(argv: list[str] | None = None) -> int:
         "--video", type=int, default=0, help="also track an object over N synthetic video frames"
     )
     parser.add_argument("--skip-volume", action="store_true")
+    parser.add_argument(
+        "--guard",
+        type=int,
+        default=10,
+        help="propagation may not go further than this many slices beyond the structure "
+        "(bounds the cost of a leak; 0 = no bound)",
+    )
     args = parser.parse_args(argv)
 
     import torch
@@ -221,11 +228,27 @@ def main(argv: list[str] | None = None) -> int:
         }
         for i, config in enumerate(configs):
             t0 = time.perf_counter()
+            # the guard bounds the cost of a leaking walk (every slice it reaches is encoded);
+            # leakage is measured inside it ("ext" shows when a walk reached it)
+            guard = None
+            if args.guard:
+                guard = {1: (max(first - args.guard, 0), min(last + args.guard, len(image) - 1))}
             c = run(
-                iter_propagate(model, image, {1: {mid: tight[mid]}}, config=config, cache=cache)
+                iter_propagate(
+                    model,
+                    image,
+                    {1: {mid: tight[mid]}},
+                    config=config,
+                    cache=cache,
+                    slice_ranges=guard,
+                )
             )
             t_c = time.perf_counter() - t0
-            d = run(iter_propagate(model, image, {1: keys}, config=config, cache=cache))
+            d = run(
+                iter_propagate(
+                    model, image, {1: keys}, config=config, cache=cache, slice_ranges=guard
+                )
+            )
             pred = c.labels > 0
             outside = pred.copy()
             outside[first : last + 1] = False

@@ -297,3 +297,18 @@ def test_follow_motion_keeps_a_fast_object() -> None:
     tracked = run(iter_propagate(Threshold(), frames, boxes, config=moving)).labels
     assert 0 < tracked[1].sum() < truth[1].sum()
     np.testing.assert_array_equal(tracked[2:], truth[2:])
+
+
+def test_min_overlap_ends_a_walk_that_jumps() -> None:
+    vol = np.zeros((26, S, S), np.float32)
+    vol[:, 0, 0] = 0.2
+    vol[:20, 20:30, 20:30] = 1.0
+    vol[20:, 20:30, 26:36] = 1.0  # something else, half inside the walk's box
+    boxes = {1: {5: (20, 20, 29, 29)}}
+    free = run(iter_propagate(Threshold(), vol, boxes)).labels
+    assert free[20:].any()  # without the check the walk takes the neighbour
+    checked = run(
+        iter_propagate(Threshold(), vol, boxes, config=PropagationConfig(min_overlap=0.5))
+    )
+    assert checked.extents == {1: (0, 19)}
+    np.testing.assert_array_equal(checked.labels[:20], free[:20])

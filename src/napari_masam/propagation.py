@@ -97,6 +97,10 @@ class PropagationConfig:
     follow_motion : bool
         Shift the next box by the displacement of the mask's centroid over the last step
         (constant-velocity prediction), for objects that move between frames.
+    min_overlap : float
+        The walk ended (jumped to something else) when the IoU of a slice's mask with the
+        previous slice's mask (shifted by the predicted motion with ``follow_motion``) is below
+        this; 0 disables the check.
     """
 
     margin_px: float = 2.0
@@ -106,6 +110,7 @@ class PropagationConfig:
     max_growth: float = 3.0
     max_shrink_px: float | None = None
     follow_motion: bool = False
+    min_overlap: float = 0.0
 
     def __post_init__(self) -> None:
         if self.margin_px < 0 or self.margin_fraction < 0:
@@ -118,6 +123,8 @@ class PropagationConfig:
             raise ValueError(f"min_area_px must be >= 1, got {self.min_area_px}.")
         if not self.max_growth > 1:
             raise ValueError(f"max_growth must be > 1, got {self.max_growth}.")
+        if not 0 <= self.min_overlap < 1:
+            raise ValueError(f"min_overlap must be in [0, 1), got {self.min_overlap}.")
         if self.max_shrink_px is not None and self.max_shrink_px < 0:
             raise ValueError(f"max_shrink_px must be >= 0 or None, got {self.max_shrink_px}.")
 
@@ -206,6 +213,8 @@ class _Walk:
     ref_area: int = 0
     prev_area: int = 0
     centroid: tuple[float, float] | None = None
+    shift: tuple[float, float] = (0.0, 0.0)
+    mask: np.ndarray | None = None  # previous slice's mask (min_overlap only)
     active: bool = True
 
     def weight(self, z: int) -> float:
@@ -229,6 +238,24 @@ class _SliceState:
 
     def pending(self) -> int:
         return sum(n - len(self.parts.get(oid, ())) for oid, n in self.expected.items())
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> float:
+    union = np.count_nonzero(a | b)
+    return np.count_nonzero(a & b) / union if union else 1.0
+
+
+def _shifted(mask: np.ndarray, shift_yx: tuple[float, float]) -> np.ndarray:
+    """``mask`` moved by the rounded (rows, cols) shift, zeros where it comes from outside."""
+    dy, dx = (round(float(v)) for v in shift_yx)
+    if dy == 0 and dx == 0:
+        return mask
+    out = np.zeros_like(mask)
+    h, w = mask.shape
+    ys, yd = (slice(0, h - dy), slice(dy, h)) if dy >= 0 else (slice(-dy, h), slice(0, h + dy))
+    xs, xd = (slice(0, w - dx), slice(dx, w)) if dx >= 0 else (slice(-dx, w), slice(0, w + dx))
+    out[yd, xd] = mask[ys, xs]
+    return out
 
 
 def _centroid(mask: np.ndarray) -> tuple[float, float]:
@@ -611,6 +638,7 @@ def iter_propagate(
                 continue
             walk.ref_area = walk.prev_area = area
             walk.centroid = _centroid(m)
+            walk.mask = m if config.min_overlap > 0 else None
             kind, value = keyframes[walk.oid][walk.origin]
             walk.box = config.next_box(m, value if kind == "box" else None)
             if walk.box is None:
@@ -636,6 +664,15 @@ def iter_propagate(
                     end_walk(walk, None)
                     continue
                 if (
+                    walk.mask is not None
+                    and _iou(
+                        _shifted(walk.mask, walk.shift if config.follow_motion else (0.0, 0.0)), m
+                    )
+                    < config.min_overlap
+                ):
+                    end_walk(walk, None)
+                    continue
+                if (
                     walk.compare
                     and previous is not None
                     and np.array_equal(m, np.asarray(previous[z]) == walk.oid)
@@ -649,6 +686,9 @@ def iter_propagate(
                 if walk.centroid is not None:
                     shift = (c[0] - walk.centroid[0], c[1] - walk.centroid[1])
                 walk.centroid = c
+                walk.shift = shift
+                if walk.mask is not None:
+                    walk.mask = m
                 walk.pos += walk.step
                 walk.box = config.next_box(m, walk.box, shift)
                 if (walk.pos - walk.limit) * walk.step > 0:
