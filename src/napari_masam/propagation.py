@@ -20,8 +20,13 @@ Algorithm (per object)
    when the **object ends** (:class:`PropagationConfig`): the mask's area drops below
    ``min_area_fraction`` x the area of the walk's keyframe mask (or below ``min_area_px``), or
    grows by more than ``max_growth`` x the previous slice's area in one step (a leak into a
-   neighbouring structure). The slice where it ends and every slice after it get nothing from
-   that walk.
+   neighbouring structure), or (``min_overlap`` > 0) overlaps the previous slice's mask by
+   less than that IoU (the walk jumped to something else). The slice where it ends and every
+   slice after it get nothing from that walk. Options for harder cases: ``max_shrink_px``
+   (the box may shrink only slowly, so one under-segmented slice does not make the walk
+   collapse onto a part of the object) and ``follow_motion`` (video: the box moves with the
+   object's velocity). The defaults and the measured alternatives are in
+   ``benchmarks/propagation_realdata.py``.
 3. **Meeting walks**: between two keyframes ``k1 < k2`` both walks cover every slice; slice ``z``
    takes the probability ``w1 * p1 + w2 * p2`` with inverse-distance weights
    ``w1 = (k2 - z) / (k2 - k1)``, ``w2 = (z - k1) / (k2 - k1)`` (a walk that ended before
