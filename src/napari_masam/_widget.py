@@ -136,9 +136,11 @@ class MASAMWidget(Container):
     """
 
     def __init__(self, viewer: napari.viewer.Viewer) -> None:
-        # scrollable: docked under other widgets (or a short screen) the panel scrolls instead
-        # of forcing its full height on the window, which would crop the canvas
-        super().__init__(labels=True, scrollable=True)
+        # The controls live in a body inside a QScrollArea of our own: docked under other
+        # widgets (or on a short screen) the panel scrolls instead of forcing its full height
+        # on the window, which cropped the canvas. (magicgui's scrollable=True does not help:
+        # napari docks ``widget.native``, the part inside magicgui's scroll area.)
+        super().__init__(labels=False, scrollable=False)
         self.viewer = viewer
         self._session: Any = None  # SegmentationSession, loaded on first run
         self._session_key: tuple | None = None
@@ -167,12 +169,14 @@ class MASAMWidget(Container):
         _worker.guard_gl_llvm_clash()  # before anything can import torchvision (see there)
         self._c = build_controls(self._image_choices, self._target_choices, self._export_choices)
         self._alias_controls()
-        self.extend(self._c.in_order())
+        self._body = Container(widgets=self._c.in_order(), labels=True, label="")
         self._objects_table = ObjectTable(self._rename_object, self._recolor_object)
         self._objects_table.setVisible(False)
         self._export_box = Container(widgets=self._c.export_row(), labels=True, label="")
-        self.native.layout().addWidget(self._objects_table)
-        self.native.layout().addWidget(self._export_box.native)
+        self._body.native.layout().addWidget(self._objects_table)
+        self._body.native.layout().addWidget(self._export_box.native)
+        self.append(self._body)  # a magicgui child (choices, tooltips), shown in the scroll area
+        self._scroll = self._make_scroll_area(self._body.native)
         self._connect_signals()
         self._fit_width()
         self._bind_keys()
@@ -230,10 +234,25 @@ class MASAMWidget(Container):
             if emitter is not None:
                 emitter.connect(self._on_layers_changed)
 
+    def _make_scroll_area(self, body: Any) -> Any:
+        """Put ``body`` into a vertical-only scroll area that fills this widget."""
+        from qtpy.QtCore import Qt
+        from qtpy.QtWidgets import QFrame, QScrollArea
+
+        scroll = QScrollArea()
+        scroll.setWidgetResizable(True)
+        scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+        scroll.setFrameShape(QFrame.Shape.NoFrame)
+        scroll.setWidget(body)  # reparents the body out of the plain layout
+        scroll.setMinimumHeight(120)
+        layout = self.native.layout()
+        layout.setContentsMargins(0, 0, 0, 0)
+        layout.addWidget(scroll)
+        return scroll
+
     def _fit_width(self) -> None:
         """Let the dock's width, not the longest text, decide the layout (no side scrolling)."""
-        from qtpy.QtCore import Qt
-        from qtpy.QtWidgets import QComboBox, QScrollArea, QSizePolicy
+        from qtpy.QtWidgets import QComboBox, QSizePolicy
 
         for widget in (self.native, self._export_box.native):
             for combo in widget.findChildren(QComboBox):
@@ -248,22 +267,17 @@ class MASAMWidget(Container):
         for button in (self._checkpoint, self._masam_checkpoint):
             with contextlib.suppress(AttributeError):
                 button.line_edit.native.setMinimumWidth(60)
-        root = self.root_native_widget
-        if isinstance(root, QScrollArea):
-            root.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
-            root.setWidgetResizable(True)
-            # a dock may be much shorter than the content: the content scrolls
-            root.setMinimumHeight(120)
         self._fit_min_width()
 
     def _fit_min_width(self) -> None:
-        """The dock is never narrower than the content (controls shown later widen it), so
-        nothing is clipped at the right edge; the height scrolls instead."""
-        from qtpy.QtWidgets import QScrollArea
-
-        root = self.root_native_widget
-        if isinstance(root, QScrollArea):
-            root.setMinimumWidth(self.native.minimumSizeHint().width() + 20)
+        """The scroll area is never narrower than the controls (controls shown later widen
+        them), so nothing is clipped at the right edge; only the height scrolls."""
+        scroll = getattr(self, "_scroll", None)
+        if scroll is None:
+            return
+        body = self._body.native
+        bar = scroll.verticalScrollBar().sizeHint().width()
+        scroll.setMinimumWidth(body.minimumSizeHint().width() + bar + 2 * scroll.frameWidth())
 
     # ------------------------------------------------------------------ layer choices
     def _image_choices(self, _widget: Any = None) -> list[tuple[str, Any]]:
@@ -384,7 +398,8 @@ class MASAMWidget(Container):
         image = self._image.value
         stacked = image is not None and self._n_slices(image) > 1
         self._propagate.visible = not automatic and stacked
-        walking = self._propagate.visible and bool(self._propagate.value)
+        # (from the values: reading .visible back is False while the dock is not shown yet)
+        walking = not automatic and stacked and bool(self._propagate.value)
         for control in (self._first_slice, self._last_slice, self._keyframe_btn):
             control.visible = walking
         self._fit_min_width()
