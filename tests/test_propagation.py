@@ -312,3 +312,18 @@ def test_min_overlap_ends_a_walk_that_jumps() -> None:
     )
     assert checked.extents == {1: (0, 19)}
     np.testing.assert_array_equal(checked.labels[:20], free[:20])
+
+
+def test_between_keyframes_interpolate(data) -> None:
+    image, truth = data
+    boxes = {1: {8: box_of(truth, 8), 22: box_of(truth, 22)}}
+    config = PropagationConfig(between_keyframes="interpolate")
+    result = run(iter_propagate(Threshold(), image, boxes, config=config))
+    # the gap is the box run on interpolated boxes; outside the span the walks go on
+    interp = run(iter_segment_boxes(Threshold(), image, {1: interpolate_keyframes(boxes[1])}))
+    np.testing.assert_array_equal(result.labels[8:23], interp.labels[8:23])
+    np.testing.assert_array_equal(result.labels[:8], truth[:8])
+    np.testing.assert_array_equal(result.labels[23:], truth[23:])
+    assert result.timings["decoded"] == 2 + 13 + (8 - FIRST + 1) + (LAST - 22 + 1)
+    with pytest.raises(ValueError, match="between_keyframes"):
+        PropagationConfig(between_keyframes="blend")

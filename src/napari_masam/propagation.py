@@ -61,7 +61,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .io._common import label_dtype_for
-from .prompts import check_boxes_in_stack, clip_box, expand_box, mask_box
+from .prompts import check_boxes_in_stack, clip_box, expand_box, interpolate_keyframes, mask_box
 
 if TYPE_CHECKING:
     import torch
@@ -106,6 +106,11 @@ class PropagationConfig:
         The walk ended (jumped to something else) when the IoU of a slice's mask with the
         previous slice's mask (shifted by the predicted motion with ``follow_motion``) is below
         this; 0 disables the check.
+    between_keyframes : {"walk", "interpolate"}
+        Between two keyframes: ``"walk"`` (both walks, blended by distance) or
+        ``"interpolate"`` (each slice prompted with the linear interpolation of the two
+        keyframe boxes, a mask keyframe counting as its bounding box; walks only go outwards
+        from the outermost keyframes).
     """
 
     margin_px: float = 2.0
@@ -116,6 +121,7 @@ class PropagationConfig:
     max_shrink_px: float | None = None
     follow_motion: bool = False
     min_overlap: float = 0.0
+    between_keyframes: str = "walk"
 
     def __post_init__(self) -> None:
         if self.margin_px < 0 or self.margin_fraction < 0:
@@ -128,6 +134,10 @@ class PropagationConfig:
             raise ValueError(f"min_area_px must be >= 1, got {self.min_area_px}.")
         if not self.max_growth > 1:
             raise ValueError(f"max_growth must be > 1, got {self.max_growth}.")
+        if self.between_keyframes not in ("walk", "interpolate"):
+            raise ValueError(
+                f"between_keyframes must be 'walk' or 'interpolate', got {self.between_keyframes!r}."
+            )
         if not 0 <= self.min_overlap < 1:
             raise ValueError(f"min_overlap must be in [0, 1), got {self.min_overlap}.")
         if self.max_shrink_px is not None and self.max_shrink_px < 0:
@@ -326,8 +336,10 @@ def _plan(
     last: int,
     changed: set[int] | None,
     oid: int,
-) -> tuple[list[int], list[_Walk], set[int]]:
-    """Seeds to compute, walks to run and keyframes to (re)write for one object.
+    interpolate_gaps: bool = False,
+) -> tuple[list[int], list[_Walk], set[int], list[int]]:
+    """Seeds to compute, walks to run, keyframes to (re)write and gap slices to segment with
+    interpolated boxes (``interpolate_gaps``) for one object.
 
     ``changed`` None: a fresh run (every keyframe, gap and outer walk)."""
     keys = sorted(keys)
@@ -339,13 +351,17 @@ def _plan(
         walks.append(_Walk(oid, keys[0], -1, keys[0] - 1, first, None, not fresh))
     if keys[-1] in changed and keys[-1] < last:
         walks.append(_Walk(oid, keys[-1], +1, keys[-1] + 1, last, None, not fresh))
+    gaps: list[int] = []
     for k1, k2 in itertools.pairwise(keys):
         if k2 - k1 < 2 or not (k1 in changed or k2 in changed):
+            continue
+        if interpolate_gaps:
+            gaps += range(k1 + 1, k2)
             continue
         seeds |= {k1, k2}
         walks.append(_Walk(oid, k1, +1, k1 + 1, k2 - 1, (k1, k2), False))
         walks.append(_Walk(oid, k2, -1, k2 - 1, k1 + 1, (k1, k2), False))
-    return sorted(seeds), walks, set(changed)
+    return sorted(seeds), walks, set(changed), gaps
 
 
 # ----------------------------------------------------------------------------------------------
@@ -521,16 +537,36 @@ def iter_propagate(
     walks: list[_Walk] = []
     states: dict[int, _SliceState] = {}
     rewrite: dict[int, set[int]] = {}  # oid -> keyframes (re)written
+    gap_jobs: list[tuple[int, int, tuple[int, int, int, int]]] = []  # interpolated gap boxes
+    gap_empty: list[tuple[int, int]] = []
     for oid, per in keyframes.items():
         if changed_sets is not None and oid not in changed_sets:
             continue
         first, last = _object_range(oid, list(per), slice_ranges, depth)
-        s, w, kf = _plan(
-            list(per), first, last, None if changed_sets is None else changed_sets[oid], oid
+        s, w, kf, gaps = _plan(
+            list(per),
+            first,
+            last,
+            None if changed_sets is None else changed_sets[oid],
+            oid,
+            config.between_keyframes == "interpolate",
         )
         seeds += [(oid, z) for z in s]
         walks += w
         rewrite[oid] = kf
+        if gaps:
+            key_boxes = {z: (v if kind == "box" else mask_box(v)) for z, (kind, v) in per.items()}
+            interpolated = interpolate_keyframes(
+                {z: b for z, b in key_boxes.items() if b is not None}
+            )
+            for z in gaps:
+                if z in interpolated:
+                    gap_jobs.append((oid, z, interpolated[z]))
+                else:  # next to an empty mask keyframe: nothing to interpolate from
+                    gap_empty.append((oid, z))
+                st = states.setdefault(z, _SliceState())
+                st.expected[oid] = st.expected.get(oid, 0) + 1
+                st.written = True
         for z in kf:
             st = states.setdefault(z, _SliceState())
             st.expected[oid] = st.expected.get(oid, 0) + 1
@@ -628,6 +664,14 @@ def iter_propagate(
                 eng.timings["decoded"] += len(chunk)
                 for (oid, z), pz in zip(chunk, p, strict=True):
                     seed_masks[(oid, z)] = pz
+            for b in range(0, len(gap_jobs), max(1, eng.batch_size)):
+                chunk_g = gap_jobs[b : b + max(1, eng.batch_size)]
+                p = _decode(eng, emb, [(z, box) for _, z, box in chunk_g], keep_tiles)
+                eng.timings["decoded"] += len(chunk_g)
+                for (oid, z, _), pz in zip(chunk_g, p, strict=True):
+                    contribute(oid, z, 1.0, _Crop.of(pz))
+        for oid, z in gap_empty:
+            contribute(oid, z, 1.0, None)
         for oid, z in seeds:
             kind, value = keyframes[oid][z]
             prob = value.astype(np.float32) if kind == "mask" else seed_masks[(oid, z)]
