@@ -85,7 +85,12 @@ def parse_config(text: str):
     for part in filter(None, text.split(",")):
         key, value = part.split("=")
         field_type = {f.name: f.type for f in dataclasses.fields(PropagationConfig)}[key]
-        kwargs[key] = int(value) if field_type == "int" else float(value)
+        if field_type == "str":
+            kwargs[key] = value
+        elif field_type == "bool":
+            kwargs[key] = value.lower() in ("1", "true", "yes")
+        else:
+            kwargs[key] = int(value) if field_type == "int" else float(value)
     return PropagationConfig(**kwargs)
 
 

@@ -80,6 +80,14 @@ _PROB_FLOOR = 0.01
 class PropagationConfig:
     """How a walk derives the next prompt and decides that the object ended.
 
+    The defaults were chosen on real data (``benchmarks/propagation_realdata.py``, Colin27 +
+    AAL putamen, caudate, thalamus, hippocampus (left), embedded LiteMedSAM): against plain
+    walks blended between keyframes (``max_shrink_px=None, min_overlap=0, min_area_fraction=
+    0.1, between_keyframes="walk"``) they raise the mean 3-D Dice of one box + propagation
+    from 0.30 to 0.49 and of three keyframes + propagation from 0.36 to 0.60, and cut the
+    leakage outside the structure's slices from up to 38 % to under 4 %. For videos use
+    ``margin_fraction=0.25, follow_motion=True, min_overlap=0.3``.
+
     Attributes
     ----------
     margin_px : float
@@ -115,13 +123,13 @@ class PropagationConfig:
 
     margin_px: float = 2.0
     margin_fraction: float = 0.0
-    min_area_fraction: float = 0.1
+    min_area_fraction: float = 0.3
     min_area_px: int = 4
     max_growth: float = 3.0
-    max_shrink_px: float | None = None
+    max_shrink_px: float | None = 1.0
     follow_motion: bool = False
-    min_overlap: float = 0.0
-    between_keyframes: str = "walk"
+    min_overlap: float = 0.6
+    between_keyframes: str = "interpolate"
 
     def __post_init__(self) -> None:
         if self.margin_px < 0 or self.margin_fraction < 0:
