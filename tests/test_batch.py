@@ -851,3 +851,35 @@ def test_users_json_at_the_sidecar_name_is_kept(tmp_path: Path) -> None:
     assert result.status == "failed" and "not a napari-masam sidecar" in result.error
     assert notes.read_text() == '{"my": "annotation notes"}'
     assert not (out / "stack_seg.tif").exists()
+
+
+# ------------------------------------------------------------------------------------ video facts
+def test_sidecar_records_the_video_rotation_and_exports_upright(tmp_path: Path) -> None:
+    """#14: a clip with a 90-degree display matrix is segmented upright, its PNG masks are on
+    the upright grid, and the sidecar says which rotation and which frame index were used."""
+    path = tmp_path / "rot.mp4"
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=25)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        stream.set_display_rotation(90)
+        for _ in range(6):
+            img = np.full((48, 64, 3), 90, dtype=np.uint8)
+            frame = av.VideoFrame.from_ndarray(img, format="rgb24")
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    with av.open(str(path)) as container:  # independent: PyAV's own view of the rotation
+        rotation = round((next(container.decode(video=0)).rotation or 0) / 90) % 4 * 90
+    assert rotation in (90, 270)
+    session = FakeSession()
+    result = batch.run_job(video_item(path), config_for(tmp_path / "out"), fake_holder(session))
+    assert result.status == "done", result.error
+    side = json.loads(Path(result.sidecar).read_text())
+    video = side["preprocessing"]["video"]
+    assert video["rotation"] == rotation
+    assert video["index"] == "decode-order"
+    assert (video["stored_height"], video["stored_width"]) == (48, 64)
+    assert (video["height"], video["width"]) == (64, 48)
+    masks = read_png_folder(Path(result.outputs[0]))
+    assert masks.shape == (6, 64, 48)  # upright grid: rows x cols swapped against the file

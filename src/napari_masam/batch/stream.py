@@ -31,12 +31,20 @@ def open_video(path: str | os.PathLike[str], cache_frames: int = 8) -> VideoRead
     """
     from ..io.video import VideoReader
 
-    probe = VideoReader(path, cache_bytes=1)
-    try:
-        height, width = (int(n) for n in probe.shape[1:3])
-    finally:
-        probe.close()
-    return VideoReader(path, cache_bytes=max(1, cache_frames) * max(1, height * width * 3))
+    reader = VideoReader(path, cache_bytes=1)  # opened once: the size sets the cache budget
+    height, width = (int(n) for n in reader.shape[1:3])
+    reader.cache_bytes = max(1, cache_frames) * max(1, height * width * 3)
+    return reader
+
+
+def video_record(reader: VideoReader) -> dict[str, object]:
+    """What the sidecar keeps of a video's reading: the numbering rule and its source, the
+    rotation applied (counter-clockwise degrees; exports are on the upright grid), the stored
+    and upright sizes and the frames found damaged (read after the job, it grows while
+    reading). ``path`` is left out: the sidecar's input record names the file."""
+    meta = dict(reader.metadata)
+    meta.pop("path", None)
+    return meta
 
 
 def iter_video_frames(reader: VideoReader, block: int = 8) -> Iterator[np.ndarray]:

@@ -18,7 +18,13 @@ from .engine import ProgressCallback, non_finite_record, segment_stack
 from .inputs import BatchInput
 from .outputs import frame_sink, n_labels_for
 from .prompts import boxes_in_window, load_boxes, prompt_boxes
-from .stream import iter_overlapping_chunks, iter_video_frames, open_video, video_window
+from .stream import (
+    iter_overlapping_chunks,
+    iter_video_frames,
+    open_video,
+    video_record,
+    video_window,
+)
 
 if TYPE_CHECKING:
     from ..inference import Progress, SegmentationResult
@@ -130,6 +136,7 @@ def segment_video_chunks(
         except BaseException:
             sink.abort()
             raise
+        video = video_record(reader)
     finally:
         reader.close()
     timings["segment_s"] = round(segment_s, 4)
@@ -144,6 +151,7 @@ def segment_video_chunks(
         "volume_window": None if window is None else list(window),
         "engine": engine,
         "non_finite": non_finite_record(reports),
+        "video": video,
     }
     return done, facts, prompts_record
 
@@ -214,6 +222,7 @@ def segment_video_whole(
         except BaseException:
             sink.abort()
             raise
+        video = video_record(reader)
     finally:
         reader.close()
     facts: dict[str, object] = {
@@ -223,5 +232,6 @@ def segment_video_whole(
         "volume_window": None if window is None else list(window),
         "engine": result.preprocessing,
         "non_finite": non_finite_record([result.preprocessing]),
+        "video": video,
     }
     return n, facts, prompts_record
