@@ -26,7 +26,8 @@ Measured (2 shared CPU cores, ``--quick``, guard 10; 2026-11-30): a 0.673, b 0.6
 defaults c 0.487, d 0.603, leakage of c at most 0.039 (putamen_L c 0.48 / d 0.61, caudate_L
 0.65 / 0.63, thalamus_L 0.77 / 0.79, hippocampus_L 0.05 / 0.39: LiteMedSAM's hippocampus masks
 change so much between slices that the walk ends at once); plain blended walks (the first
-version) gave c 0.30, d 0.36, leakage up to 0.38. Encoder calls per object with a cold cache:
+version) gave c 0.30, d 0.36, leakage up to 0.38; the defaults with ``min_overlap=0.3``
+gave c 0.42, d 0.55, leakage up to 0.31. Encoder calls per object with a cold cache:
 (c) 37, 44, 33, 7 vs (a) 27, 39, 22, 40. Synthetic video (10 frames, ``--video 10``): box on
 every frame IoU 0.98; one box + tracking with the volume defaults 0.13, with
 ``margin_fraction=0.25, follow_motion=1, min_overlap=0.3`` 0.49 (exact until the object passes
