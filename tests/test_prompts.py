@@ -217,7 +217,7 @@ def test_boxes_file_errors(tmp_path) -> None:
         load_boxes_file(tmp_path / "missing.json")
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
-    with pytest.raises(ValueError, match="Cannot parse"):
+    with pytest.raises(ValueError, match="not valid JSON"):
         load_boxes_file(bad)
     missing = tmp_path / "missing_field.csv"
     missing.write_text("object,slice,x0,y0,x1\n1,2,3,4,5\n")

@@ -25,13 +25,10 @@ corners on the pixel centres ``0`` and ``9`` both give columns 0..9.
 
 from __future__ import annotations
 
-import csv
 import itertools
-import json
 import logging
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -451,130 +448,11 @@ def boxes_from_labels(labels: np.ndarray, object_ids: Iterable[int] | None = Non
     return out
 
 
-# ----------------------------------------------------------------------------------------------
-# Files for the CLI
-# ----------------------------------------------------------------------------------------------
-_ALIASES = {
-    "object": ("object", "object_id", "id", "label"),
-    "slice": ("slice", "frame", "z", "t"),
-    "last_slice": ("last_slice", "last_frame", "z1"),
-}
+def __getattr__(name: str) -> Any:
+    """Box FILES live in :mod:`napari_masam.io.boxes`; ``load_boxes_file`` and
+    ``save_boxes_file`` stay importable from here (lazily: io.boxes imports this module)."""
+    if name in ("load_boxes_file", "save_boxes_file"):
+        from .io import boxes
 
-
-def _field(record: Mapping[str, Any], name: str, where: str) -> Any:
-    for alias in _ALIASES.get(name, (name,)):
-        if alias in record and record[alias] not in (None, ""):
-            return record[alias]
-    if name == "last_slice":
-        return None
-    raise ValueError(f"{where}: missing field {name!r} (record: {dict(record)}).")
-
-
-def load_boxes_file(
-    path: str | Path, *, interpolate: bool = True, image_shape: Sequence[int] | None = None
-) -> BoxesByObject:
-    """Read box prompts of one input from a JSON or CSV file.
-
-    Schema (one record per keyframe box; pixel coordinates of the input as the CLI and napari
-    show it, i.e. after the reader's reorientation; XYXY with max **inclusive**):
-
-    ======================  =========================================================
-    ``object``              positive int, the label value (aliases ``object_id``, ``id``,
-                            ``label``)
-    ``slice``               int, slice/frame index on axis 0 (aliases ``frame``, ``z``, ``t``)
-    ``x0, y0, x1, y1``      numbers, ``col_min, row_min, col_max, row_max``
-    ``last_slice``          optional int: the box holds on ``slice..last_slice`` (a 3D box;
-                            aliases ``last_frame``, ``z1``)
-    ======================  =========================================================
-
-    JSON: a list of records, or ``{"boxes": [records...]}``. CSV: a header row with those
-    column names. Example CSV::
-
-        object,slice,x0,y0,x1,y1,last_slice
-        1,10,40,52,80,90,
-        1,20,44,50,86,96,
-        2,15,100,100,120,130,25
-
-    Keyframes of one object are interpolated linearly between the slices they are on
-    (``interpolate=True``); a ``last_slice`` extends the object's range.
-
-    Raises
-    ------
-    FileNotFoundError
-        If ``path`` does not exist.
-    ValueError
-        For an unknown suffix, unparsable content or a record with missing fields.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"Boxes file {path} does not exist.")
-    suffix = path.suffix.lower()
-    try:
-        if suffix == ".json":
-            data = json.loads(path.read_text())
-            records = data.get("boxes") if isinstance(data, dict) else data
-            if not isinstance(records, list):
-                raise ValueError("expected a list of records or {'boxes': [...]}")
-        elif suffix in (".csv", ".tsv"):
-            with path.open(newline="") as fh:
-                records = list(csv.DictReader(fh, delimiter="\t" if suffix == ".tsv" else ","))
-        else:
-            raise ValueError(f"unknown suffix {suffix!r}; use .json or .csv")
-    except (json.JSONDecodeError, csv.Error) as exc:
-        raise ValueError(f"Cannot parse boxes file {path}: {exc}") from exc
-    except ValueError as exc:
-        raise ValueError(f"Boxes file {path}: {exc}.") from exc
-
-    keyframes: dict[int, dict[int, Box]] = {}
-    ranges: dict[int, list[int]] = {}
-    for i, rec in enumerate(records):
-        where = f"{path.name} record {i + 1}"
-        if not isinstance(rec, Mapping):
-            raise ValueError(f"{where}: expected an object with named fields, got {rec!r}.")
-        try:
-            oid = int(_field(rec, "object", where))
-            z = int(_field(rec, "slice", where))
-            box = tuple(float(_field(rec, k, where)) for k in ("x0", "y0", "x1", "y1"))
-            last = _field(rec, "last_slice", where)
-        except (TypeError, ValueError) as exc:
-            raise ValueError(f"{where}: {exc}") from exc
-        if oid < 1:
-            raise ValueError(f"{where}: object ids must be positive, got {oid}.")
-        x0, y0, x1, y1 = box
-        keyframes.setdefault(oid, {})[z] = (
-            round_half_up(min(x0, x1)),
-            round_half_up(min(y0, y1)),
-            round_half_up(max(x0, x1)),
-            round_half_up(max(y0, y1)),
-        )
-        rng = ranges.setdefault(oid, [z, z])
-        rng[0], rng[1] = min(rng[0], z), max(rng[1], z if last is None else int(last))
-    out: BoxesByObject = {}
-    for oid, frames in keyframes.items():
-        if interpolate:
-            boxes = interpolate_keyframes(frames, tuple(ranges[oid]))  # type: ignore[arg-type]
-        else:
-            boxes = dict(sorted(frames.items()))
-        if image_shape is not None:
-            boxes = clip_boxes_to_stack(boxes, image_shape)
-        if boxes:
-            out[oid] = boxes
-    return dict(sorted(out.items()))
-
-
-def save_boxes_file(boxes: Mapping[int, Mapping[int, Sequence[float]]], path: str | Path) -> None:
-    """Write boxes in the :func:`load_boxes_file` schema (JSON or CSV by suffix), one record
-    per slice (no keyframe compression)."""
-    path = Path(path)
-    records = [
-        {"object": int(oid), "slice": int(z), "x0": b[0], "y0": b[1], "x1": b[2], "y1": b[3]}
-        for oid, per in boxes.items()
-        for z, b in per.items()
-    ]
-    if path.suffix.lower() == ".json":
-        path.write_text(json.dumps({"boxes": records}, indent=1))
-        return
-    with path.open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=["object", "slice", "x0", "y0", "x1", "y1"])
-        writer.writeheader()
-        writer.writerows(records)
+        return getattr(boxes, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
