@@ -81,19 +81,20 @@ def predict_array_dice(volume, model) -> list[float]:
 def _local_pipeline(
     model, image: np.ndarray, boxes: dict[int, np.ndarray]
 ) -> dict[int, np.ndarray]:
-    """Our preprocessing per the model's metadata, with the model's encode/decode."""
+    """THE public preprocessing road (preprocess.StackPipeline: orientation, window, resize,
+    boxes) with the model's encode/decode called here, outside the engine."""
     from napari_masam import preprocess as pp
 
-    preset = pp.resolve_preset(model.metadata.intensity_preset)
-    window = pp.volume_window(image, preset)
+    pipe = pp.StackPipeline.for_model(model, image)
     masks = {}
     for z, box in boxes.items():
-        group = pp.normalize_group(pp.normalize_slice(image[z], preset, window)[None], preset)
-        x, info = pp.to_model_input(group, model.image_size, model.metadata.resize_mode)
-        box_model = torch.from_numpy(pp.boxes_to_model_frame(box[None], info))
+        members = pipe.members(z)  # a 1-slice group for LiteMedSAM
+        x = torch.from_numpy(pipe.group_input(members))
+        box_model = torch.from_numpy(pipe.box_to_model(box)[None])
         with torch.no_grad():
             logits = model.decode(model.encode(x[None]), box_model)
-        masks[z] = pp.logits_to_slice(logits, info)[0, 1].numpy() > 0.5
+        prob = pp.logits_to_slice(logits, pipe.info)[0, 1].numpy()  # model frame
+        masks[z] = pipe.transform.inplane_from_model(prob) > 0.5  # back to the slice's grid
     return masks
 
 
