@@ -6,7 +6,8 @@
   :class:`~napari_masam._widget_controls.RunRequest` through a pure function;
 - it loads the model once into a :class:`napari_masam.session.SegmentationSession` kept on the
   widget (model + embedding cache reused between runs, so a second box on the same volume costs
-  only the decoder);
+  only the decoder), on the chosen backend (torch, the reference, or LiteMedSAM on a fast CPU
+  runtime: ONNX Runtime / OpenVINO, :mod:`napari_masam.model.runtime`);
 - it runs the engine generator in napari's thread worker (:mod:`napari_masam._worker`) and
   streams finished slices into a *preview* Labels layer. Box runs *add* to the preview: only
   objects whose prompts changed are recomputed (:mod:`napari_masam._widget_objects`), so a
@@ -189,6 +190,7 @@ class MASAMWidget(Container):
         self._image, self._model, self._model_note = c.image, c.model, c.model_note
         self._checkpoint, self._masam_checkpoint = c.checkpoint, c.masam_checkpoint
         self._device, self._preset, self._level, self._width = c.device, c.preset, c.level, c.width
+        self._backend = c.backend
         self._mode, self._stride, self._prompts_btn, self._object = (
             c.mode,
             c.stride,
@@ -213,7 +215,7 @@ class MASAMWidget(Container):
     def _connect_signals(self) -> None:
         c = self._c
         c.model.changed.connect(self._on_model_changed)
-        for control in (c.device, c.checkpoint, c.masam_checkpoint):
+        for control in (c.device, c.backend, c.checkpoint, c.masam_checkpoint):
             control.changed.connect(lambda *_: self._mark_session_stale())
         c.preset.changed.connect(self._on_preset_changed)
         c.mode.changed.connect(self._on_mode_changed)
@@ -369,6 +371,8 @@ class MASAMWidget(Container):
                 "MA-SAM checkpoint (file pickers below)."
             )
         self._set_mode_enabled("automatic", support != "none", note if support == "none" else "")
+        if loaded:  # the model status line: which backend the loaded model really runs on
+            note = (note + " " if note else "") + backend_line(session.model)
         self._model_note.value = note
         self._model_note.visible = bool(note)
 
@@ -936,7 +940,14 @@ class MASAMWidget(Container):
         # the worker gets a snapshot: it never touches the widget's session itself
         session = self._session if self._session_key == request.model_key else None
         if session is None:
-            self._set_status("Loading the model...")
+            self._set_status(
+                "Loading the model..."
+                + (
+                    " (the first load on a CPU runtime exports and checks it once: ~20 s)"
+                    if request.backend != "torch"
+                    else ""
+                )
+            )
         elif request.mode == "boxes":
             ids = set(request.boxes) | set(request.masks)
             kept = len(set(self._objects) - ids)
@@ -993,11 +1004,7 @@ class MASAMWidget(Container):
 
         _worker.import_core()
         if session is None:
-            from .session import SegmentationSession
-
-            session = SegmentationSession.from_source(
-                request.source, device=request.device, cache_dir=_embedding_cache_dir()
-            )
+            session = load_session(request)
             yield SessionLoaded(session, request.model_key)
         from .inference import check_mode
 
@@ -1033,7 +1040,8 @@ class MASAMWidget(Container):
     def _on_progress(self, progress: Any) -> None:
         if isinstance(progress, SessionLoaded):
             self._session, self._session_key = progress.session, progress.key
-            self._set_status("Model loaded; running...")
+            self._set_status(f"Model loaded; {backend_line(progress.session.model)} Running...")
+            self._apply_automatic_support()
             return
         stats, run = self._stats, self._run
         if stats is None or run is None:
@@ -1508,6 +1516,36 @@ class MASAMWidget(Container):
 
         self._set_status(f"Error: {message}")
         show_error(message)
+
+
+def load_session(request: RunRequest) -> Any:
+    """Load the model ``request`` selects on its device and backend, with the per-user
+    embedding cache (in the worker thread: the first ONNX export of a runtime backend takes
+    ~15-20 s, later loads find it in the export cache).
+
+    Raises
+    ------
+    ModuleNotFoundError
+        A runtime backend named explicitly is not installed (the message says what to install).
+    ValueError, FileNotFoundError
+        See :meth:`napari_masam.checkpoints.ModelSource.load`.
+    """
+    from .devices import resolve_device
+    from .model.runtime import with_backend
+    from .session import SegmentationSession
+
+    device = resolve_device(request.device)
+    model = request.source.load(device)
+    # only a torch LiteMedSAM on a CPU changes; other models come back as they are
+    model = with_backend(model, request.backend)
+    return SegmentationSession(model, device, cache_dir=_embedding_cache_dir())
+
+
+def backend_line(model: Any) -> str:
+    """``"Backend: <napari_masam.model.runtime.backend_info(model).describe()>."``"""
+    from .model.runtime import backend_info
+
+    return f"Backend: {backend_info(model).describe()}."
 
 
 def gui_friendly_threads() -> int:

@@ -124,6 +124,10 @@ class ControlValues:
         Box mode: boxes are keyframes and objects are walked through the slices.
     first_slice, last_slice : int
         Inclusive slice range propagation never leaves.
+    backend : str
+        Inference backend (:data:`napari_masam.model.runtime.BACKENDS`): ``"auto"`` (a fast
+        CPU runtime for LiteMedSAM when one is installed), ``"torch"`` (the reference),
+        ``"onnxruntime"`` or ``"openvino"``.
     """
 
     model: str
@@ -138,11 +142,19 @@ class ControlValues:
     propagate: bool = False
     first_slice: int = 0
     last_slice: int = -1
+    backend: str = "auto"
 
     @property
-    def model_key(self) -> tuple[str, str, str, str]:
-        """Identity of the model selection: a loaded session is reused only for the same key."""
-        return (self.model, str(self.checkpoint), str(self.masam_checkpoint), self.device)
+    def model_key(self) -> tuple[str, str, str, str, str]:
+        """Identity of the model selection: a loaded session is reused only for the same key
+        (another model, file, device or backend loads the model again on the next run)."""
+        return (
+            self.model,
+            str(self.checkpoint),
+            str(self.masam_checkpoint),
+            self.device,
+            self.backend,
+        )
 
 
 @dataclass(frozen=True)
@@ -182,6 +194,10 @@ class RunRequest:
         Propagation correction: the preview labels before this run.
     changed : mapping
         Propagation correction: object id -> keyframe slices that changed.
+    backend : str
+        Inference backend asked for (one of :data:`napari_masam.model.runtime.BACKENDS`,
+        lower-case); applied with :func:`napari_masam.model.runtime.with_backend` when the
+        model is loaded.
     """
 
     image: Any
@@ -199,6 +215,7 @@ class RunRequest:
     slice_ranges: Mapping[int, tuple[int, int]] = field(default_factory=dict)
     previous: Any = None
     changed: Mapping[int, tuple[int, ...]] = field(default_factory=dict)
+    backend: str = "auto"
 
     @property
     def object_ids(self) -> tuple[int, ...]:
@@ -283,8 +300,12 @@ def request_from_controls(
     Raises
     ------
     ValueError
-        Box mode without boxes, an empty slice range; see also :func:`model_source`.
+        Box mode without boxes, an empty slice range, an unknown backend; see also
+        :func:`model_source`.
     """
+    from .model.runtime import check_backend
+
+    backend = check_backend(values.backend)
     source = model_source(values)
     boxes = {int(k): dict(v) for k, v in (boxes or {}).items()}
     n = info.n_slices
@@ -326,6 +347,7 @@ def request_from_controls(
         changed={int(k): tuple(int(z) for z in v) for k, v in (changed or {}).items()}
         if propagate
         else {},
+        backend=backend,
     )
 
 
@@ -340,6 +362,7 @@ class Controls:
     checkpoint: FileEdit
     masam_checkpoint: FileEdit
     device: ComboBox
+    backend: ComboBox
     preset: ComboBox
     level: FloatSpinBox
     width: FloatSpinBox
@@ -379,6 +402,7 @@ class Controls:
             propagate=bool(self.propagate.value),
             first_slice=int(self.first_slice.value),
             last_slice=int(self.last_slice.value),
+            backend=str(self.backend.value),
         )
 
     def in_order(self) -> list[Any]:
@@ -390,6 +414,7 @@ class Controls:
             self.checkpoint,
             self.masam_checkpoint,
             self.device,
+            self.backend,
             self.preset,
             self.level,
             self.width,
@@ -415,9 +440,10 @@ class Controls:
 
 def _model_controls(
     image_choices: Any,
-) -> tuple[ComboBox, ComboBox, Label, FileEdit, FileEdit, ComboBox]:
+) -> tuple[ComboBox, ComboBox, Label, FileEdit, FileEdit, ComboBox, ComboBox]:
     from .devices import available_devices  # imports torch: only when the widget opens
     from .model.registry import DEFAULT_MODEL, MODEL_REGISTRY
+    from .model.runtime import BACKENDS, available_backends
 
     image = ComboBox(
         label="image",
@@ -463,7 +489,20 @@ def _model_controls(
         tooltip="Where the model runs; only devices present on this machine are listed. "
         "auto = CUDA, then Apple MPS, then CPU.",
     )
-    return image, model, note, checkpoint, adapters, device
+    installed = [b for b in available_backends() if b not in ("auto", "torch")]
+    backend = ComboBox(
+        label="backend",
+        choices=list(BACKENDS),
+        value="auto",
+        tooltip="How LiteMedSAM runs on a CPU. auto: OpenVINO, else ONNX Runtime, else torch "
+        "(the graph is exported and checked against torch once, on the first run: ~15-20 s); "
+        "torch: the reference; onnxruntime / openvino: that runtime or an error. Other models "
+        "and GPUs always run on torch. Installed runtimes: "
+        + (", ".join(installed) or "none")
+        + ". Changing it reloads the model on the next run; the status line says which "
+        "backend is active.",
+    )
+    return image, model, note, checkpoint, adapters, device, backend
 
 
 def _intensity_controls() -> tuple[Any, ...]:
@@ -658,7 +697,7 @@ def build_controls(image_choices: Any, target_choices: Any, export_choices: Any)
     image_choices, target_choices, export_choices : callable
         magicgui choice callbacks for the image, commit-target and export-layer drop-downs.
     """
-    image, model, note, checkpoint, adapters, device = _model_controls(image_choices)
+    image, model, note, checkpoint, adapters, device, backend = _model_controls(image_choices)
     preset, level, width = _intensity_controls()
     (
         mode,
@@ -682,6 +721,7 @@ def build_controls(image_choices: Any, target_choices: Any, export_choices: Any)
         checkpoint=checkpoint,
         masam_checkpoint=adapters,
         device=device,
+        backend=backend,
         preset=preset,
         level=level,
         width=width,
