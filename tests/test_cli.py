@@ -315,61 +315,75 @@ def _brain_mask_on_sample_grid(ch2bet: Path, sample: Path) -> nib.Nifti1Image:
     return nib.Nifti1Image(small.astype(np.uint8), nib.load(sample).affine)
 
 
-@pytest.mark.slow  # real LiteMedSAM on 5 slices: ~10 s idle, minutes on a shared 2-core box
+@pytest.mark.slow  # real LiteMedSAM through the whole brain, twice, + export: ~2.5 min on 2 CPUs
 def test_demo_end_to_end(
-    capsys: pytest.CaptureFixture[str], tmp_path: Path, ch2bet_path: Path
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    ch2bet_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """The README quick start: real LiteMedSAM weights on the bundled sample, checked against
-    the same subject's brain mask."""
+    """The README quick start: real LiteMedSAM weights on the bundled sample, propagated from
+    one box through the whole brain with the default backend, checked against the same
+    subject's brain mask."""
     from napari_masam.io.nifti import read_nifti
 
+    monkeypatch.setenv("NAPARI_MASAM_EXPORT_DIR", str(tmp_path / "exports"))  # not the user's cache
     out = tmp_path / "demo"
-    code, stdout, stderr = run_cli(
-        capsys, "demo", "-o", out, "--device", "cpu", "--backend", "torch", "--json", "-q"
-    )
+    code, stdout, stderr = run_cli(capsys, "demo", "-o", out, "--device", "cpu", "--json", "-q")
     assert code == 0, stderr
     summary = json.loads(stdout)
     labels_path = Path(summary["outputs"][0])
     side = json.loads(Path(summary["sidecar"]).read_text())
-    assert side["mode"] == "boxes" and side["model"]["kind"] == "litemedsam"
+    assert side["mode"] == "boxes" and side["settings"]["propagate"] is True
+    assert side["model"]["kind"] == "litemedsam"
     labels = _display_labels(labels_path) > 0
+    covered = np.flatnonzero(labels.any(axis=(1, 2)))
+    assert summary["slices_labelled"] == covered.size
+    assert summary["slices_per_second"] > 0
+    assert summary["slices_per_second"] == pytest.approx(
+        covered.size / summary["segment_seconds"], rel=0.01
+    )
     if summary["input_source"] == "bundled sample":
         assert side["prompts"]["objects"] == [1]
         sample = Path(summary["input"])
         brain_img = _brain_mask_on_sample_grid(ch2bet_path, sample)
         nib.save(brain_img, tmp_path / "brain.nii.gz")
         brain = np.asarray(read_nifti(tmp_path / "brain.nii.gz", as_labels=True).data) > 0
-        slices = sorted(int(z) for z in np.flatnonzero(labels.any(axis=(1, 2))))
-        assert slices == list(range(38, 43))  # keyframes 38, 40, 42 + interpolated 39, 41
-        inside = (labels & brain).sum() / labels.sum()
-        dice = 2 * (labels & brain).sum() / (labels.sum() + brain[38:43].sum())
-        assert inside > 0.9, inside  # LiteMedSAM stays within the brain ...
-        assert dice > 0.5, dice  # ... and covers most of it (zero-shot, on a T1 MRI)
+        brain_z = np.flatnonzero(brain.any(axis=(1, 2)))  # slices 3..77 of 91
+        # one box on slice 40 grew into the whole brain: measured 65 of its 75 slices (7..71)
+        assert covered.size >= 0.8 * brain_z.size, (covered.min(), covered.max())
+        assert covered.min() <= brain_z.min() + 8 and covered.max() >= brain_z.max() - 10
+        dice = 2 * (labels & brain).sum() / (labels.sum() + brain.sum())  # whole volume
+        assert dice >= 0.8, dice  # measured 0.855 (zero-shot LiteMedSAM on a T1 MRI)
+        assert (labels & brain).sum() / labels.sum() > 0.8  # stays mostly within the brain
     else:  # no sample bundled: the phantom's organs
         from napari_masam.io.sample_data import make_ct_phantom
 
         phantom = make_ct_phantom(cli.PHANTOM_SHAPE_ZYX, cli.PHANTOM_SPACING_ZYX)
         organs = np.isin(phantom.labels, cli.PHANTOM_DEMO_OBJECTS)
-        dice = 2 * (organs & labels).sum() / (organs[labels.any(axis=(1, 2))].sum() + labels.sum())
-        assert dice > 0.7, dice
-    code, stdout, _ = run_cli(
-        capsys, "demo", "-o", out, "--device", "cpu", "--backend", "torch", "--json", "-q"
-    )
-    assert code == 0 and json.loads(stdout)["status"] == "skipped"
+        dice = 2 * (organs & labels).sum() / (organs.sum() + labels.sum())
+        assert dice > 0.6, dice
 
-    # the README's next step: `segment` with the demo's box folder gives the same labels
+    # the human-readable summary: slices/s and the command that opens the result in napari
+    code, stdout, _ = run_cli(capsys, "demo", "-o", out, "--device", "cpu", "-q")
+    assert code == 0
+    assert f"{covered.size} of {labels.shape[0]} slices labelled" in stdout
+    assert "slices/s" in stdout
+    assert f"Open in napari: napari {summary['input']} {labels_path}" in stdout
+    assert "up to date" in stdout  # the second run is skipped
+
+    # the README's next step: `segment --propagate` with the demo's box folder, same labels
     code, stdout, stderr = run_cli(
         capsys,
         "segment",
         summary["input"],
         "--boxes",
         out / "boxes",
+        "--propagate",
         "-o",
         tmp_path / "seg",
         "--device",
         "cpu",
-        "--backend",
-        "torch",
         "--json",
         "-q",
     )
