@@ -74,7 +74,7 @@ def test_backend_goes_into_the_request_and_the_model_key(viewer_widget) -> None:
 
 @pytest.mark.slow  # loads LiteMedSAM, exports it to a runtime once per test run (~20 s)
 def test_torch_and_runtime_backends_from_the_combo_agree_on_a_real_slice(
-    qtbot, viewer_widget, small_nifti_path, caplog
+    qtbot, viewer_widget, small_nifti_path, request
 ) -> None:
     from napari_masam.model.lite import LiteMedSAM
     from napari_masam.model.runtime import AUTO_ORDER, RuntimeLiteMedSAM, available_backends
@@ -84,10 +84,23 @@ def test_torch_and_runtime_backends_from_the_combo_agree_on_a_real_slice(
     data = np.asarray(image.data)
     widget._device.value = "cpu"
     widget._propagate.value = False  # one boxed slice is all this test needs
-    caplog.set_level(logging.INFO, logger="napari_masam._widget")  # status lines are logged
+    # every text the status line showed is also logged by the widget: collect them with a
+    # handler on its own logger (independent of root handlers and other tests' logging setup)
+    seen: list[str] = []
+
+    class _Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(record.getMessage())
+
+    widget_logger = logging.getLogger("napari_masam._widget")
+    handler, old_level = _Collect(level=logging.INFO), widget_logger.level
+    widget_logger.addHandler(handler)
+    widget_logger.setLevel(logging.INFO)
+    request.addfinalizer(lambda: widget_logger.removeHandler(handler))
+    request.addfinalizer(lambda: widget_logger.setLevel(old_level))
 
     def statuses() -> list[str]:
-        return [r.getMessage() for r in caplog.records if r.name == "napari_masam._widget"]
+        return seen
 
     z = 2  # the brain's bounding box on one real slice
     rows, cols = np.nonzero(data[z] > 0)
@@ -119,7 +132,7 @@ def test_torch_and_runtime_backends_from_the_combo_agree_on_a_real_slice(
         pytest.skip("neither OpenVINO nor ONNX Runtime is installed")
     previous = torch_session
     for choice in (runtimes[0], "auto"):
-        caplog.clear()
+        seen.clear()
         widget._backend.value = choice
         _run_and_wait(qtbot, widget)
         session = widget.session
