@@ -41,6 +41,16 @@ def aal_path() -> pathlib.Path:
 
 
 @pytest.fixture(autouse=True, scope="session")
+def _private_user_cache(tmp_path_factory):
+    """The suite never writes into the user's cache folder (runtime exports, embeddings):
+    platformdirs reads XDG_CACHE_HOME at each call, so one folder serves the whole session
+    (the OpenVINO/ONNX export of LiteMedSAM is made once per run)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("user_cache")))
+        yield
+
+
+@pytest.fixture(autouse=True, scope="session")
 def _torch_threads():
     # Tiny test models gain nothing from intra-op threads, and oversubscribing two cores
     # (pytest-qt worker threads run beside the main thread) made them ~10x slower.
