@@ -425,6 +425,372 @@ def _decode(
     return np.stack([np.ascontiguousarray(eng.transform.inplane_from_model(p)) for p in fg])
 
 
+# ----------------------------------------------------------------------------------------------
+# One run
+# ----------------------------------------------------------------------------------------------
+def _checked_previous(previous: Any, stack_shape: tuple[int, int, int]) -> np.ndarray | None:
+    """``previous`` as an array of the stack's shape (ValueError otherwise), or None."""
+    if previous is None:
+        return None
+    previous = np.asarray(previous)
+    if previous.shape != stack_shape:
+        raise ValueError(f"previous labels have shape {previous.shape}, expected {stack_shape}.")
+    return previous
+
+
+class _PropagationRun:
+    """The state of one :func:`iter_propagate` run: the engine, the per-object walks, the
+    contributions each pending slice still waits for, the labels target and the finished-slice
+    bookkeeping. :func:`iter_propagate` drives it: :meth:`plan`, :meth:`open_target`,
+    :meth:`seed`, then :meth:`step` until no walk is active, yielding :meth:`finished` after
+    each phase, and :meth:`result` at the end."""
+
+    def __init__(
+        self,
+        eng: _Engine,
+        keyframes: dict[int, dict[int, Any]],
+        config: PropagationConfig,
+        previous: np.ndarray | None,
+        threshold: float,
+        t_start: float,
+    ) -> None:
+        self.eng = eng
+        self.keyframes = keyframes
+        self.config = config
+        self.previous = previous
+        self.thr = float(threshold)
+        self.t_start = t_start
+        self.shape_yx = eng.stack_shape[1:]
+        self.seeds: list[tuple[int, int]] = []  # (oid, slice)
+        self.walks: list[_Walk] = []
+        self.states: dict[int, _SliceState] = {}
+        self.rewrite: dict[int, set[int]] = {}  # oid -> keyframes (re)written
+        self.gap_jobs: list[tuple[int, int, tuple[int, int, int, int]]] = []  # interpolated
+        self.gap_empty: list[tuple[int, int]] = []
+        self.completed: list[int] = []  # slices whose every expected contribution arrived
+        self.done = 0
+        self.total = 0
+        self.keep_tiles = 2
+        self.dtype: Any = None
+        self.target: Any = None
+        self.emb = _Embeddings(eng)
+        self.changed_sets: dict[int, set[int]] | None = None  # oid -> changed keyframes
+
+    @classmethod
+    def start(
+        cls,
+        model: SegmentationModel,
+        stack: Any,
+        boxes: Mapping[int, Mapping[int, Sequence[float]]],
+        masks: Mapping[int, Mapping[int, np.ndarray]] | None,
+        previous: Any,
+        changed: Mapping[int, Sequence[int]] | None,
+        config: PropagationConfig | None,
+        threshold: float,
+        num_threads: int | None,
+        **engine_options: Any,
+    ) -> _PropagationRun:
+        """Check the arguments, start the engine and read the keyframes (ValueError as
+        documented in :func:`iter_propagate`)."""
+        from .inference import _start_engine
+
+        if changed is not None and previous is None:
+            raise ValueError("changed keyframes need the previous labels (previous=...).")
+        config = PropagationConfig() if config is None else config
+        t_start = time.perf_counter()
+        eng = _start_engine("propagate", model, stack, num_threads, **engine_options)
+        if not eng.transform.keeps_slice_axis:
+            raise ValueError(
+                "Propagation needs the stack's slice axis to be the model's slice axis; reorient "
+                f"the stack first (stack transform {eng.transform.to_dict()})."
+            )
+        keyframes = _keyframes(boxes, masks, eng.stack_shape)
+        run = cls(
+            eng, keyframes, config, _checked_previous(previous, eng.stack_shape), threshold, t_start
+        )
+        run.changed_sets = (
+            None if changed is None else {int(o): {int(z) for z in zs} for o, zs in changed.items()}
+        )
+        return run
+
+    # -- plan -----------------------------------------------------------------------------------
+    def _expect(self, oid: int, z: int, written: bool) -> None:
+        st = self.states.setdefault(z, _SliceState())
+        st.expected[oid] = st.expected.get(oid, 0) + 1
+        if written:
+            st.written = True
+
+    def _plan_gaps(self, oid: int, per: Mapping[int, Any], gaps: Sequence[int]) -> None:
+        """Interpolated-box jobs for the gap slices of one object (``interpolate`` mode)."""
+        key_boxes = {z: (v if kind == "box" else mask_box(v)) for z, (kind, v) in per.items()}
+        interpolated = interpolate_keyframes({z: b for z, b in key_boxes.items() if b is not None})
+        for z in gaps:
+            if z in interpolated:
+                self.gap_jobs.append((oid, z, interpolated[z]))
+            else:  # next to an empty mask keyframe: nothing to interpolate from
+                self.gap_empty.append((oid, z))
+            self._expect(oid, z, True)
+
+    def plan(self, slice_ranges: Mapping[int, Sequence[int]] | None) -> None:
+        """Seeds, walks and expected contributions of every object to (re)compute."""
+        depth, changed_sets = self.eng.stack_shape[0], self.changed_sets
+        for oid, per in self.keyframes.items():
+            if changed_sets is not None and oid not in changed_sets:
+                continue
+            first, last = _object_range(oid, list(per), slice_ranges, depth)
+            s, w, kf, gaps = _plan(
+                list(per),
+                first,
+                last,
+                None if changed_sets is None else changed_sets[oid],
+                oid,
+                self.config.between_keyframes == "interpolate",
+            )
+            self.seeds += [(oid, z) for z in s]
+            self.walks += w
+            self.rewrite[oid] = kf
+            if gaps:
+                self._plan_gaps(oid, per, gaps)
+            for z in kf:
+                self._expect(oid, z, True)
+            for walk in w:
+                for z in walk.remaining():
+                    self._expect(oid, z, False)
+
+    def open_target(self, out: Any, keep_labels: bool) -> None:
+        """The labels target (dtype for every object id) and the run's counters."""
+        previous = self.previous
+        prev_max = 0 if previous is None else int(previous.max(initial=0))
+        self.dtype = label_dtype_for(max(max(self.rewrite, default=0), prev_max))
+        if previous is not None and out is None:
+            self.target = (
+                previous.astype(np.promote_types(previous.dtype, self.dtype))
+                if keep_labels
+                else None
+            )
+        else:
+            self.target = self.eng.labels_target(out, keep_labels, self.dtype)
+        self.total = len(self.states)
+        self.keep_tiles = 2 * max(1, len(self.walks)) + 2
+        self.eng.timings["decoded"] = 0
+
+    # -- contributions --------------------------------------------------------------------------
+    def contribute(self, oid: int, z: int, weight: float, crop: Any) -> None:
+        st = self.states.get(z)
+        if st is None or oid not in st.expected:
+            return
+        st.parts.setdefault(oid, []).append((weight, crop))
+        if st.pending() == 0:
+            self.completed.append(z)
+
+    def end_walk(self, walk: _Walk, marker: Any) -> None:
+        """Close a walk: its remaining slices (from ``pos``) get ``marker`` (None: nothing from
+        this walk; _KEEP: the object's previous voxels stay)."""
+        for z in walk.remaining():
+            self.contribute(walk.oid, z, walk.weight(z), marker)
+        walk.active = False
+
+    def _decode(self, jobs: Sequence[tuple[int, tuple[int, int, int, int]]]) -> np.ndarray:
+        return _decode(self.eng, self.emb, jobs, self.keep_tiles)
+
+    # -- keyframes ------------------------------------------------------------------------------
+    def seed(self, num_threads: int | None) -> None:
+        """Keyframe masks (boxes decoded, masks as they are), interpolated gaps, walk starts."""
+        from .inference import _torch_threads
+
+        eng, keyframes = self.eng, self.keyframes
+        seed_masks: dict[tuple[int, int], np.ndarray] = {}
+        box_jobs = [(oid, z) for oid, z in self.seeds if keyframes[oid][z][0] == "box"]
+        n = max(1, eng.batch_size)
+        with _torch_threads(num_threads), eng.compute():
+            for b in range(0, len(box_jobs), n):
+                chunk = box_jobs[b : b + n]
+                p = self._decode([(z, keyframes[o][z][1]) for o, z in chunk])
+                eng.timings["decoded"] += len(chunk)
+                for (oid, z), pz in zip(chunk, p, strict=True):
+                    seed_masks[(oid, z)] = pz
+            for b in range(0, len(self.gap_jobs), n):
+                chunk_g = self.gap_jobs[b : b + n]
+                p = self._decode([(z, box) for _, z, box in chunk_g])
+                eng.timings["decoded"] += len(chunk_g)
+                for (oid, z, _), pz in zip(chunk_g, p, strict=True):
+                    self.contribute(oid, z, 1.0, _Crop.of(pz))
+        for oid, z in self.gap_empty:
+            self.contribute(oid, z, 1.0, None)
+        for oid, z in self.seeds:
+            kind, value = keyframes[oid][z]
+            prob = value.astype(np.float32) if kind == "mask" else seed_masks[(oid, z)]
+            seed_masks[(oid, z)] = prob
+            if z in self.rewrite[oid]:
+                self.contribute(oid, z, 1.0, _Crop.of(prob))
+        for walk in self.walks:
+            self._start_walk(walk, seed_masks[(walk.oid, walk.origin)] > self.thr)
+
+    def _start_walk(self, walk: _Walk, m: np.ndarray) -> None:
+        """Reference area, centroid and first box of a walk from its keyframe mask ``m``."""
+        config = self.config
+        area = int(m.sum())
+        box = mask_box(m)
+        if box is None or area < config.min_area_px:
+            self.end_walk(walk, None)
+            return
+        walk.ref_area = walk.prev_area = area
+        walk.centroid = _centroid(m)
+        walk.mask = m if config.min_overlap > 0 else None
+        kind, value = self.keyframes[walk.oid][walk.origin]
+        walk.box = config.next_box(m, value if kind == "box" else None)
+        if walk.box is None:
+            self.end_walk(walk, None)
+
+    # -- lockstep walks -------------------------------------------------------------------------
+    def step(self, num_threads: int | None) -> bool:
+        """Advance every active walk by one slice (one decoder batch); False when none is."""
+        from .inference import _torch_threads
+
+        active = [w for w in self.walks if w.active]
+        if not active:
+            return False
+        with _torch_threads(num_threads), self.eng.compute():
+            probs = self._decode([(w.pos, w.box) for w in active])
+        self.eng.timings["decoded"] += len(active)
+        for walk, prob in zip(active, probs, strict=True):
+            self._advance(walk, prob)
+        return True
+
+    def _stop_marker(self, walk: _Walk, m: np.ndarray, area: int) -> tuple[bool, Any]:
+        """Whether the walk ends on its current slice given its mask ``m`` there, and the
+        marker its remaining slices get (None or _KEEP)."""
+        config = self.config
+        floor = max(config.min_area_px, config.min_area_fraction * walk.ref_area)
+        if area < floor or area > config.max_growth * walk.prev_area:
+            return True, None
+        if (
+            walk.mask is not None
+            and _iou(_shifted(walk.mask, walk.shift if config.follow_motion else (0.0, 0.0)), m)
+            < config.min_overlap
+        ):
+            return True, None
+        if (
+            walk.compare
+            and self.previous is not None
+            and np.array_equal(m, np.asarray(self.previous[walk.pos]) == walk.oid)
+        ):
+            return True, _KEEP
+        return False, None
+
+    def _advance(self, walk: _Walk, prob: np.ndarray) -> None:
+        """One walk's step: stop, or contribute ``prob`` and move the box to the next slice."""
+        z = walk.pos
+        m = prob > self.thr
+        area = int(m.sum())
+        stop, marker = self._stop_marker(walk, m, area)
+        if stop:
+            self.end_walk(walk, marker)
+            return
+        self.contribute(walk.oid, z, walk.weight(z), _Crop.of(prob))
+        walk.prev_area = area
+        c = _centroid(m)
+        shift = (0.0, 0.0)
+        if walk.centroid is not None:
+            shift = (c[0] - walk.centroid[0], c[1] - walk.centroid[1])
+        walk.centroid = c
+        walk.shift = shift
+        if walk.mask is not None:
+            walk.mask = m
+        walk.pos += walk.step
+        walk.box = self.config.next_box(m, walk.box, shift)
+        if (walk.pos - walk.limit) * walk.step > 0:
+            walk.active = False
+        elif walk.box is None:  # the object is predicted to leave the image
+            self.end_walk(walk, None)
+
+    # -- finished slices ------------------------------------------------------------------------
+    def finished(self) -> Generator[Progress, None, None]:
+        """Combine, write and report every slice whose contributions all arrived."""
+        ready = sorted(self.completed)
+        self.completed.clear()
+        for z in ready:
+            self.done += 1
+            yield self._finish(z)
+
+    def _previous_slice(self, z: int) -> np.ndarray:
+        if self.previous is not None:
+            return np.asarray(self.previous[z])
+        return np.zeros(self.shape_yx, self.dtype)
+
+    def _combine(self, st: _SliceState, labels: np.ndarray) -> None:
+        """Weighted walk probabilities per object into ``labels`` (in place): the object's old
+        voxels are cleared, the most probable object above the threshold wins a free pixel."""
+        probs: list[np.ndarray] = []
+        ids: list[int] = []
+        for oid, parts in st.parts.items():
+            if any(c is _KEEP for _, c in parts):
+                continue  # the walk reached the previous result: this object is unchanged here
+            labels[labels == oid] = 0
+            full = np.zeros(self.shape_yx, np.float32)
+            for weight, crop in parts:
+                if crop is not None:
+                    crop.add_into(full, weight)
+            probs.append(full)
+            ids.append(oid)
+        if probs:
+            p = np.stack(probs)
+            best = p.max(axis=0)
+            winner = np.asarray(ids)[p.argmax(axis=0)]
+            free = labels == 0
+            labels[free & (best > self.thr)] = winner[free & (best > self.thr)]
+
+    def _finish(self, z: int) -> Progress:
+        from .inference import Progress
+
+        st = self.states.pop(z)
+        base = self._previous_slice(z)
+        dtype = self.dtype
+        labels = base.astype(dtype, copy=True) if base.dtype != dtype else base.copy()
+        self._combine(st, labels)
+        changed_here = not np.array_equal(labels, base)
+        if self.target is not None and (changed_here or (st.written and self.previous is None)):
+            self.target[z] = labels
+        return Progress(
+            self.done,
+            self.total,
+            time.perf_counter() - self.t_start,
+            z,
+            labels if (changed_here or st.written) else None,
+            "propagate",
+        )
+
+    # -- result ---------------------------------------------------------------------------------
+    def result(self, model: SegmentationModel) -> SegmentationResult:
+        from .inference import SegmentationResult, object_color
+
+        eng, keyframes = self.eng, self.keyframes
+        extents: dict[int, tuple[int, int]] = {}
+        if self.target is not None:
+            present = np.asarray(self.target)
+            for oid in sorted(set(self.rewrite) | set(keyframes)):
+                zs = np.flatnonzero((present == oid).any(axis=(1, 2)))
+                if zs.size:
+                    extents[oid] = (int(zs[0]), int(zs[-1]))
+        eng.timings["total_s"] = time.perf_counter() - self.t_start
+        preprocessing = eng.preprocessing()
+        preprocessing["propagation"] = self.config.to_dict()
+        all_ids = tuple(sorted(keyframes))
+        return SegmentationResult(
+            labels=self.target,
+            class_names=tuple(f"object {oid}" for oid in all_ids),
+            class_colors=tuple(object_color(oid) for oid in all_ids),
+            preset=eng.preset,
+            model_name=model.metadata.name,
+            mode="propagate",
+            stride=None,
+            timings=dict(eng.timings),
+            preprocessing=preprocessing,
+            object_ids=all_ids,
+            extents=extents,
+        )
+
+
 def iter_propagate(
     model: SegmentationModel,
     stack: Any,
@@ -503,16 +869,15 @@ def iter_propagate(
         object's range, ``previous`` with another shape, ``changed`` without ``previous``, or a
         slice-reordering orientation.
     """
-    from .inference import Progress, SegmentationResult, _start_engine, _torch_threads, object_color
-
-    if changed is not None and previous is None:
-        raise ValueError("changed keyframes need the previous labels (previous=...).")
-    config = PropagationConfig() if config is None else config
-    t_start = time.perf_counter()
-    eng = _start_engine(
-        "propagate",
+    run = _PropagationRun.start(
         model,
         stack,
+        boxes,
+        masks,
+        previous,
+        changed,
+        config,
+        threshold,
         num_threads,
         preset=preset,
         device=device,
@@ -522,263 +887,17 @@ def iter_propagate(
         autocast=autocast,
         window=window,
     )
-    if not eng.transform.keeps_slice_axis:
-        raise ValueError(
-            "Propagation needs the stack's slice axis to be the model's slice axis; reorient "
-            f"the stack first (stack transform {eng.transform.to_dict()})."
-        )
-    depth = eng.stack_shape[0]
-    shape_yx = eng.stack_shape[1:]
-    keyframes = _keyframes(boxes, masks, eng.stack_shape)
-    if previous is not None:
-        previous = np.asarray(previous)
-        if previous.shape != eng.stack_shape:
-            raise ValueError(
-                f"previous labels have shape {previous.shape}, expected {eng.stack_shape}."
-            )
-    changed_sets = (
-        None if changed is None else {int(o): {int(z) for z in zs} for o, zs in changed.items()}
-    )
-
-    # -- plan -------------------------------------------------------------------------------
-    seeds: list[tuple[int, int]] = []  # (oid, slice)
-    walks: list[_Walk] = []
-    states: dict[int, _SliceState] = {}
-    rewrite: dict[int, set[int]] = {}  # oid -> keyframes (re)written
-    gap_jobs: list[tuple[int, int, tuple[int, int, int, int]]] = []  # interpolated gap boxes
-    gap_empty: list[tuple[int, int]] = []
-    for oid, per in keyframes.items():
-        if changed_sets is not None and oid not in changed_sets:
-            continue
-        first, last = _object_range(oid, list(per), slice_ranges, depth)
-        s, w, kf, gaps = _plan(
-            list(per),
-            first,
-            last,
-            None if changed_sets is None else changed_sets[oid],
-            oid,
-            config.between_keyframes == "interpolate",
-        )
-        seeds += [(oid, z) for z in s]
-        walks += w
-        rewrite[oid] = kf
-        if gaps:
-            key_boxes = {z: (v if kind == "box" else mask_box(v)) for z, (kind, v) in per.items()}
-            interpolated = interpolate_keyframes(
-                {z: b for z, b in key_boxes.items() if b is not None}
-            )
-            for z in gaps:
-                if z in interpolated:
-                    gap_jobs.append((oid, z, interpolated[z]))
-                else:  # next to an empty mask keyframe: nothing to interpolate from
-                    gap_empty.append((oid, z))
-                st = states.setdefault(z, _SliceState())
-                st.expected[oid] = st.expected.get(oid, 0) + 1
-                st.written = True
-        for z in kf:
-            st = states.setdefault(z, _SliceState())
-            st.expected[oid] = st.expected.get(oid, 0) + 1
-            st.written = True
-        for walk in w:
-            for z in walk.remaining():
-                st = states.setdefault(z, _SliceState())
-                st.expected[oid] = st.expected.get(oid, 0) + 1
-    object_ids = tuple(sorted(rewrite))
-    prev_max = 0 if previous is None else int(previous.max(initial=0))
-    dtype = label_dtype_for(max(max(object_ids, default=0), prev_max))
-    if previous is not None and out is None:
-        target = previous.astype(np.promote_types(previous.dtype, dtype)) if keep_labels else None
-    else:
-        target = eng.labels_target(out, keep_labels, dtype)
-    total = len(states)
-    done = 0
-    keep_tiles = 2 * max(1, len(walks)) + 2
-    emb = _Embeddings(eng)
-    eng.timings["decoded"] = 0
-    thr = float(threshold)
-
-    def previous_slice(z: int) -> np.ndarray:
-        if previous is not None:
-            return np.asarray(previous[z])
-        return np.zeros(shape_yx, dtype)
-
-    def finish(z: int) -> Progress:
-        st = states.pop(z)
-        base = previous_slice(z)
-        labels = base.astype(dtype, copy=True) if base.dtype != dtype else base.copy()
-        probs: list[np.ndarray] = []
-        ids: list[int] = []
-        for oid, parts in st.parts.items():
-            if any(c is _KEEP for _, c in parts):
-                continue  # the walk reached the previous result: this object is unchanged here
-            labels[labels == oid] = 0
-            full = np.zeros(shape_yx, np.float32)
-            for weight, crop in parts:
-                if crop is not None:
-                    crop.add_into(full, weight)
-            probs.append(full)
-            ids.append(oid)
-        if probs:
-            p = np.stack(probs)
-            best = p.max(axis=0)
-            winner = np.asarray(ids)[p.argmax(axis=0)]
-            free = labels == 0
-            labels[free & (best > thr)] = winner[free & (best > thr)]
-        changed_here = not np.array_equal(labels, base)
-        if target is not None and (changed_here or (st.written and previous is None)):
-            target[z] = labels
-        return Progress(
-            done,
-            total,
-            time.perf_counter() - t_start,
-            z,
-            labels if (changed_here or st.written) else None,
-            "propagate",
-        )
-
-    def contribute(oid: int, z: int, weight: float, crop: Any) -> None:
-        st = states.get(z)
-        if st is None or oid not in st.expected:
-            return
-        st.parts.setdefault(oid, []).append((weight, crop))
-        if st.pending() == 0:
-            completed.append(z)
-
-    def end_walk(walk: _Walk, marker: Any) -> None:
-        """Close a walk: its remaining slices (from ``pos``) get ``marker`` (None: nothing from
-        this walk; _KEEP: the object's previous voxels stay)."""
-        for z in walk.remaining():
-            contribute(walk.oid, z, walk.weight(z), marker)
-        walk.active = False
-
-    completed: list[int] = []  # slices whose every expected contribution arrived
-
-    def ready() -> list[int]:
-        out = sorted(completed)
-        completed.clear()
-        return out
-
+    run.plan(slice_ranges)
+    run.open_target(out, keep_labels)
     was_training = model.training
     if was_training:
         model.eval()
     try:
-        # -- keyframes: seed masks --------------------------------------------------------
-        seed_masks: dict[tuple[int, int], np.ndarray] = {}
-        box_jobs = [(oid, z) for oid, z in seeds if keyframes[oid][z][0] == "box"]
-        with _torch_threads(num_threads), eng.compute():
-            for b in range(0, len(box_jobs), max(1, eng.batch_size)):
-                chunk = box_jobs[b : b + max(1, eng.batch_size)]
-                p = _decode(eng, emb, [(z, keyframes[o][z][1]) for o, z in chunk], keep_tiles)
-                eng.timings["decoded"] += len(chunk)
-                for (oid, z), pz in zip(chunk, p, strict=True):
-                    seed_masks[(oid, z)] = pz
-            for b in range(0, len(gap_jobs), max(1, eng.batch_size)):
-                chunk_g = gap_jobs[b : b + max(1, eng.batch_size)]
-                p = _decode(eng, emb, [(z, box) for _, z, box in chunk_g], keep_tiles)
-                eng.timings["decoded"] += len(chunk_g)
-                for (oid, z, _), pz in zip(chunk_g, p, strict=True):
-                    contribute(oid, z, 1.0, _Crop.of(pz))
-        for oid, z in gap_empty:
-            contribute(oid, z, 1.0, None)
-        for oid, z in seeds:
-            kind, value = keyframes[oid][z]
-            prob = value.astype(np.float32) if kind == "mask" else seed_masks[(oid, z)]
-            seed_masks[(oid, z)] = prob
-            if z in rewrite[oid]:
-                contribute(oid, z, 1.0, _Crop.of(prob))
-        for walk in walks:
-            m = seed_masks[(walk.oid, walk.origin)] > thr
-            area = int(m.sum())
-            box = mask_box(m)
-            if box is None or area < config.min_area_px:
-                end_walk(walk, None)
-                continue
-            walk.ref_area = walk.prev_area = area
-            walk.centroid = _centroid(m)
-            walk.mask = m if config.min_overlap > 0 else None
-            kind, value = keyframes[walk.oid][walk.origin]
-            walk.box = config.next_box(m, value if kind == "box" else None)
-            if walk.box is None:
-                end_walk(walk, None)
-        for z in ready():
-            done += 1
-            yield finish(z)
-
-        # -- lockstep walks ---------------------------------------------------------------
-        while True:
-            active = [w for w in walks if w.active]
-            if not active:
-                break
-            with _torch_threads(num_threads), eng.compute():
-                probs = _decode(eng, emb, [(w.pos, w.box) for w in active], keep_tiles)
-            eng.timings["decoded"] += len(active)
-            for walk, prob in zip(active, probs, strict=True):
-                z = walk.pos
-                m = prob > thr
-                area = int(m.sum())
-                floor = max(config.min_area_px, config.min_area_fraction * walk.ref_area)
-                if area < floor or area > config.max_growth * walk.prev_area:
-                    end_walk(walk, None)
-                    continue
-                if (
-                    walk.mask is not None
-                    and _iou(
-                        _shifted(walk.mask, walk.shift if config.follow_motion else (0.0, 0.0)), m
-                    )
-                    < config.min_overlap
-                ):
-                    end_walk(walk, None)
-                    continue
-                if (
-                    walk.compare
-                    and previous is not None
-                    and np.array_equal(m, np.asarray(previous[z]) == walk.oid)
-                ):
-                    end_walk(walk, _KEEP)
-                    continue
-                contribute(walk.oid, z, walk.weight(z), _Crop.of(prob))
-                walk.prev_area = area
-                c = _centroid(m)
-                shift = (0.0, 0.0)
-                if walk.centroid is not None:
-                    shift = (c[0] - walk.centroid[0], c[1] - walk.centroid[1])
-                walk.centroid = c
-                walk.shift = shift
-                if walk.mask is not None:
-                    walk.mask = m
-                walk.pos += walk.step
-                walk.box = config.next_box(m, walk.box, shift)
-                if (walk.pos - walk.limit) * walk.step > 0:
-                    walk.active = False
-                elif walk.box is None:  # the object is predicted to leave the image
-                    end_walk(walk, None)
-            for z in ready():
-                done += 1
-                yield finish(z)
+        run.seed(num_threads)
+        yield from run.finished()
+        while run.step(num_threads):
+            yield from run.finished()
     finally:
         if was_training:
             model.train()
-    extents: dict[int, tuple[int, int]] = {}
-    if target is not None:
-        present = np.asarray(target)
-        for oid in sorted(set(object_ids) | set(keyframes)):
-            zs = np.flatnonzero((present == oid).any(axis=(1, 2)))
-            if zs.size:
-                extents[oid] = (int(zs[0]), int(zs[-1]))
-    eng.timings["total_s"] = time.perf_counter() - t_start
-    preprocessing = eng.preprocessing()
-    preprocessing["propagation"] = config.to_dict()
-    all_ids = tuple(sorted(keyframes))
-    return SegmentationResult(
-        labels=target,
-        class_names=tuple(f"object {oid}" for oid in all_ids),
-        class_colors=tuple(object_color(oid) for oid in all_ids),
-        preset=eng.preset,
-        model_name=model.metadata.name,
-        mode="propagate",
-        stride=None,
-        timings=dict(eng.timings),
-        preprocessing=preprocessing,
-        object_ids=all_ids,
-        extents=extents,
-    )
+    return run.result(model)
