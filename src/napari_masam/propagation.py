@@ -27,7 +27,9 @@ Algorithm (per object)
    collapse onto a part of the object) and ``follow_motion`` (video: the box moves with the
    object's velocity). The defaults and the measured alternatives are in
    ``benchmarks/propagation_realdata.py``.
-3. **Meeting walks**: between two keyframes ``k1 < k2`` both walks cover every slice; slice ``z``
+3. **Between two keyframes** ``k1 < k2``: by default (``between_keyframes="interpolate"``)
+   each slice is prompted with the linear interpolation of the two keyframe boxes and walks only
+   go outwards from the outermost keyframes. With ``"walk"`` both walks cover every slice; slice ``z``
    takes the probability ``w1 * p1 + w2 * p2`` with inverse-distance weights
    ``w1 = (k2 - z) / (k2 - k1)``, ``w2 = (z - k1) / (k2 - k1)`` (a walk that ended before
    ``z`` contributes ``p = 0``). The weights change by ``1 / (k2 - k1)`` per slice, so there is
