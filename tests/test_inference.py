@@ -262,6 +262,19 @@ def test_reslicing_orientation(model) -> None:
     )
 
 
+@pytest.mark.parametrize("mode", ["boxes", "propagate"])
+def test_slice_prompts_refuse_a_stack_resliced_across_its_slice_axis(model, mode) -> None:
+    """Box prompts name stack slices: a stack whose slice axis is not the model's is refused
+    before any encoding (one check in the engine's start-up, for both prompted modes)."""
+    from napari_masam.propagation import iter_propagate
+
+    stack = np.zeros((S, S, 6), dtype=np.float32)
+    boxes = {1: {0: (2, 2, 8, 8)}}
+    gen_fn = iter_segment_boxes if mode == "boxes" else iter_propagate
+    with pytest.raises(ValueError, match="slice axis"):
+        run(gen_fn(model, stack, boxes, preset="ct_abdomen", stack_orientation="LPS"))
+
+
 # -- box mode ----------------------------------------------------------------------------------
 def test_boxes_equal_reference_and_leave_other_slices(model) -> None:
     vol = ct_volume(8, seed=10)

@@ -421,13 +421,27 @@ def check_mode(model: Any, mode: str) -> None:
 
 
 def _start_engine(
-    mode: str, model: Any, stack: Any, num_threads: int | None, **engine_kwargs: Any
+    mode: str,
+    model: Any,
+    stack: Any,
+    num_threads: int | None,
+    *,
+    same_slice_axis: bool = False,
+    **engine_kwargs: Any,
 ) -> _Engine:
     """The shared preamble of every mode: :func:`check_mode`, then the run's :class:`_Engine`
-    under the run's torch thread count."""
+    under the run's torch thread count. ``same_slice_axis``: the mode prompts slices of the
+    stack, so the model's slice axis must be the stack's (ValueError otherwise)."""
     check_mode(model, mode)
     with _torch_threads(num_threads):
-        return _Engine(model, stack, **engine_kwargs)
+        eng = _Engine(model, stack, **engine_kwargs)
+    if same_slice_axis and not eng.transform.keeps_slice_axis:
+        raise ValueError(
+            f"Mode {mode!r} prompts slices of the stack, so the stack's slice axis must be the "
+            "model's slice axis; reorient the stack first (stack transform "
+            f"{eng.transform.to_dict()})."
+        )
+    return eng
 
 
 # ----------------------------------------------------------------------------------------------
@@ -752,12 +766,8 @@ def iter_segment_boxes(
         batch_size=batch_size,
         autocast=autocast,
         window=window,
+        same_slice_axis=True,
     )
-    if not eng.transform.keeps_slice_axis:
-        raise ValueError(
-            "Box prompts need the stack's slice axis to be the model's slice axis; reorient "
-            f"the stack first (stack transform {eng.transform.to_dict()})."
-        )
     per_slice = _boxes_by_slice(boxes, eng.stack_shape)
     object_ids = tuple(sorted({oid for items in per_slice.values() for oid, _ in items}))
     dtype = label_dtype_for(max(object_ids, default=0))

@@ -500,12 +500,9 @@ class _PropagationRun:
             raise ValueError("changed keyframes need the previous labels (previous=...).")
         config = PropagationConfig() if config is None else config
         t_start = time.perf_counter()
-        eng = _start_engine("propagate", model, stack, num_threads, **engine_options)
-        if not eng.transform.keeps_slice_axis:
-            raise ValueError(
-                "Propagation needs the stack's slice axis to be the model's slice axis; reorient "
-                f"the stack first (stack transform {eng.transform.to_dict()})."
-            )
+        eng = _start_engine(
+            "propagate", model, stack, num_threads, same_slice_axis=True, **engine_options
+        )
         keyframes = _keyframes(boxes, masks, eng.stack_shape)
         run = cls(
             eng, keyframes, config, _checked_previous(previous, eng.stack_shape), threshold, t_start
