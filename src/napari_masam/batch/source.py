@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -83,10 +82,9 @@ class ModelSpec:
         FutureWarnings that raises say nothing to a user of napari-masam and are silenced here,
         for this import only.
         """
-        with warnings.catch_warnings():
-            warnings.filterwarnings(
-                "ignore", category=FutureWarning, message=r"Importing from timm\."
-            )
+        from ..weights import quiet_medsam_lite_import
+
+        with quiet_medsam_lite_import():
             model = self.model_source.load(self.device if device is None else device)
         if self.backend == "torch":
             return model

