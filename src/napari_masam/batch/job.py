@@ -201,7 +201,7 @@ def run_job(
                     f"it ({state.reason}); nothing was changed. Move it away, choose another "
                     "--output folder, or pass --overwrite to replace it"
                 )
-            replaces = output_digest(output)
+            replaces = state.digest or output_digest(output)  # hashed once
             session = holder.get()
             mode = resolve_mode(config.mode, session.model, config.boxes is not None)
             timings: dict[str, float] = {"model_load_s": round(holder.load_seconds, 4)}

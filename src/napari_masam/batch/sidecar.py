@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from ..io._common import atomic_path, discard_path
+from ..weights import file_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -94,25 +95,17 @@ def write_json_atomic(path: Path, data: dict[str, object]) -> None:
 # ----------------------------------------------------------------------------------------------
 # digests and ownership
 # ----------------------------------------------------------------------------------------------
-def _file_sha256(path: Path, h: hashlib._Hash | None = None) -> str:
-    h = h or hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def output_digest(path: Path) -> str | None:
     """``sha256:<hex>`` of a file, or of a folder's files (names and contents, sorted by name,
     not recursive: our PNG folders are flat); None when ``path`` does not exist."""
     if path.is_file():
-        return "sha256:" + _file_sha256(path)
+        return "sha256:" + file_sha256(path)
     if path.is_dir():
         h = hashlib.sha256()
         for child in sorted(path.iterdir()):
             h.update(child.name.encode() + b"\0")
             if child.is_file():
-                h.update(_file_sha256(child).encode())
+                h.update(file_sha256(child).encode())
             else:
                 h.update(b"<not a file>")
         return "sha256-tree:" + h.hexdigest()
@@ -146,12 +139,15 @@ class OutputState:
         Ours, complete, and recorded with the same match block as this run.
     reason : str
         Why it is not ours / not up to date (for messages and logs).
+    digest : str or None
+        :func:`output_digest` of what is there, when it was computed for the decision.
     """
 
     exists: bool
     ours: bool
     up_to_date: bool
     reason: str = ""
+    digest: str | None = None
 
 
 def output_state(output: Path, sidecar: Path, match: object) -> OutputState:
@@ -178,12 +174,13 @@ def output_state(output: Path, sidecar: Path, match: object) -> OutputState:
             False,
             f"its content differs from what {sidecar.name} records (changed since "
             "napari-masam wrote it, or written by something else)",
+            digest,
         )
     up_to_date = (
         digest == recorded and record.get("status") == "complete" and record.get("match") == match
     )
     reason = "" if up_to_date else "settings, input or model changed"
-    return OutputState(True, True, up_to_date, reason)
+    return OutputState(True, True, up_to_date, reason, digest)
 
 
 # ----------------------------------------------------------------------------------------------
