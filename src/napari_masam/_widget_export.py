@@ -98,7 +98,9 @@ def export_request(
     from . import _layers
 
     info = _layers.stack_from_layer(image_layer)
-    labels = np.asarray(labels_layer.data)
+    labels = np.array(
+        labels_layer.data, copy=True
+    )  # painting during a worker export must not leak in
     if tuple(labels.shape) != tuple(info.labels_shape):
         raise ValueError(
             f"Labels layer {labels_layer.name!r} has shape {tuple(labels.shape)} but image "
