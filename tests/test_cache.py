@@ -201,3 +201,20 @@ def test_disk_bound_prunes_least_recently_used(tmp_path) -> None:
     assert EmbeddingCache(directory=tmp_path).max_disk_bytes == 20 << 30
     with pytest.raises(ValueError, match="max_disk_bytes"):
         EmbeddingCache(directory=tmp_path, max_disk_bytes=-1)
+
+
+def test_rewriting_a_disk_entry_counts_its_size_once(tmp_path) -> None:
+    """The disk bound's running total must not grow when one key is written again (it made
+    the bound prune entries too early)."""
+    import torch
+
+    from napari_masam.cache import EmbeddingCache
+
+    cache = EmbeddingCache(directory=tmp_path, max_disk_bytes=10**9)
+    key = "ab" * 16
+    cache.put(key, torch.ones(8, 4, 4))
+    cache.put("cd" * 16, torch.zeros(8, 4, 4))  # the running total is in use from here on
+    for _ in range(4):
+        cache.put(key, torch.ones(8, 4, 4))
+    on_disk = sum(p.stat().st_size for p in tmp_path.rglob("*") if p.is_file())
+    assert cache._disk_bytes == on_disk == cache.disk_bytes()

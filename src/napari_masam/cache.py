@@ -267,6 +267,10 @@ class EmbeddingCache:
         path = self._path(key)
         assert path is not None  # only called with a directory
         try:
+            replaced = path.stat().st_size if path.is_file() else 0  # a rewrite replaces it
+        except OSError:
+            replaced = 0
+        try:
             with atomic_path(path) as tmp:
                 save_file(
                     {"embedding": value},
@@ -276,7 +280,7 @@ class EmbeddingCache:
         except OSError as exc:  # a full or read-only disk must not stop segmentation
             logger.warning("Could not write embedding cache entry %s: %s", path, exc)
             return
-        self._account(path)
+        self._account(path, replaced)
 
     def disk_bytes(self) -> int:
         """Bytes of the entries now in :attr:`directory` (0 without one)."""
@@ -288,14 +292,14 @@ class EmbeddingCache:
                 total += f.stat().st_size
         return total
 
-    def _account(self, path: Path) -> None:
+    def _account(self, path: Path, replaced: int = 0) -> None:
         if self.max_disk_bytes is None:
             return
         if self._disk_bytes is None:
             self._disk_bytes = self.disk_bytes()
         else:
             try:
-                self._disk_bytes += path.stat().st_size
+                self._disk_bytes += path.stat().st_size - replaced
             except OSError:
                 return
         if self._disk_bytes > self.max_disk_bytes:
