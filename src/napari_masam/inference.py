@@ -35,11 +35,13 @@ from .io._common import label_dtype_for
 from .palette import label_color
 from .preprocess import (
     IntensityPreset,
+    OrientationTransform,
+    ResizeInfo,
     StackPipeline,
     probabilities_to_grid,
     resolve_preset,
 )
-from .prompts import check_boxes_in_stack
+from .prompts import check_boxes_in_stack, check_points_in_stack
 
 if TYPE_CHECKING:
     import torch
@@ -341,11 +343,84 @@ class _Engine(StackPipeline):
                         self.cache.put(kk, emb[j, r])
         return torch.stack([e for f in found for e in f])  # type: ignore[union-attr]
 
-    def decode(self, embeddings: torch.Tensor, boxes: torch.Tensor | None) -> torch.Tensor:
+    def decode(
+        self,
+        embeddings: torch.Tensor,
+        boxes: torch.Tensor | None,
+        points: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """The model's logits for embeddings (N, E, g, g), boxes (N, 4) or None and points
+        (:func:`points_batch`) or None; timed."""
         t0 = time.perf_counter()
-        logits = self.model.decode(embeddings, boxes)
+        if points is None:
+            logits = self.model.decode(embeddings, boxes)
+        else:
+            coords, labels = points
+            points = (coords.to(embeddings.device), labels.to(embeddings.device))
+            logits = self.model.decode(embeddings, boxes, points)
         self.timings["decode_s"] += time.perf_counter() - t0
         return logits
+
+    def points_to_model(self, points: Sequence[Sequence[float]]) -> np.ndarray:
+        """Points of a stack slice -> (P, 3) float32 ``[x, y, label]`` of the model input.
+
+        The same orientation and resize the engine applies to the slice's pixels and boxes
+        (:func:`points_to_model_frame`).
+        """
+        return points_to_model_frame(points, self.transform, self.stack_shape[1:], self.info)
+
+    def decode_prompts(
+        self,
+        embeddings: torch.Tensor,
+        boxes: Sequence[np.ndarray | None],
+        points: Sequence[np.ndarray | None] | None = None,
+    ) -> torch.Tensor:
+        """Logits of one prompt set per embedding row, rows with and without a box mixed.
+
+        Parameters
+        ----------
+        embeddings : Tensor
+            (N, E, g, g), one row per prompt set.
+        boxes : sequence of ndarray or None
+            Per row a (4,) model-frame box (:meth:`box_to_model`) or None (points alone).
+        points : sequence of ndarray or None, or None
+            Per row (P, 3) ``[x, y, label]`` model-frame points (:meth:`points_to_model`) or
+            None.
+
+        Returns
+        -------
+        Tensor
+            (N, C + 1, h, w) logits in row order. SAM's prompt encoder takes boxes for all
+            rows of a call or none, so boxed and box-free rows are decoded in two calls.
+        """
+        import torch
+
+        rows_points = list(points) if points is not None else [None] * len(boxes)
+        boxed = [i for i, b in enumerate(boxes) if b is not None]
+        free = [i for i, b in enumerate(boxes) if b is None]
+        out: torch.Tensor | None = None
+        for index, with_boxes in ((boxed, True), (free, False)):
+            if not index:
+                continue
+            idx = torch.as_tensor(index, device=embeddings.device)
+            boxes_t = (
+                torch.from_numpy(np.stack([boxes[i] for i in index]).astype(np.float32)).to(
+                    embeddings.device
+                )
+                if with_boxes
+                else None
+            )
+            logits = self.decode(
+                embeddings.index_select(0, idx),
+                boxes_t,
+                points_batch([rows_points[i] for i in index]),
+            )
+            if out is None:
+                out = logits.new_empty((len(boxes), *logits.shape[1:]))
+            out[idx] = logits
+        if out is None:
+            raise ValueError("Nothing to decode: no prompt rows.")
+        return out
 
     def preprocessing(self) -> dict[str, Any]:
         return self.to_dict()
@@ -361,6 +436,86 @@ class _Engine(StackPipeline):
         if keep_labels:
             return np.zeros(self.stack_shape, dtype=dtype)
         return None
+
+
+def points_to_model_frame(
+    points: Sequence[Sequence[float]],
+    transform: OrientationTransform,
+    shape_yx: Sequence[int],
+    info: ResizeInfo,
+) -> np.ndarray:
+    """Point prompts of a stack slice -> the model input's pixel frame.
+
+    Parameters
+    ----------
+    points : sequence of (y, x, label)
+        (row, col) pixel indices of the stack slice (pixel centres at integers), label 1
+        positive / 0 negative (validated by :func:`napari_masam.prompts.check_points_in_stack`).
+    transform : OrientationTransform
+        Stack -> model orientation (in-plane part; needs ``keeps_slice_axis``).
+    shape_yx : (int, int)
+        (Y, X) of the stack slice.
+    info : ResizeInfo
+        Geometry of the oriented slice in the model input.
+
+    Returns
+    -------
+    ndarray
+        (P, 3) float32 ``[x, y, label]``: XY pixel indices of the model input (x = column, the
+        frame of ``boxes_xyxy``), the label unchanged. A pixel centre maps to the centre of the
+        pixel's footprint in the model input: ``x' = (x + 0.5) * sx - 0.5`` (the extent
+        ``[x - 0.5, x + 0.5]`` scales exactly, as :func:`~napari_masam.preprocess.
+        boxes_to_model_frame` scales a box's extent).
+    """
+    p = np.asarray(points, dtype=np.float64).reshape(-1, 3)
+    rows, cols = p[:, 0].copy(), p[:, 1].copy()
+    ny, nx = int(shape_yx[0]), int(shape_yx[1])
+    if transform.perm[1] == 2:  # in-plane transpose
+        rows, cols = cols, rows
+        ny, nx = nx, ny
+    if transform.flip[1]:
+        rows = ny - 1 - rows
+    if transform.flip[2]:
+        cols = nx - 1 - cols
+    sy, sx = info.scale_yx
+    out = np.empty_like(p)
+    out[:, 0] = (cols + 0.5) * sx - 0.5
+    out[:, 1] = (rows + 0.5) * sy - 0.5
+    out[:, 2] = p[:, 2]
+    return out.astype(np.float32)
+
+
+def points_batch(
+    rows: Sequence[np.ndarray | None],
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Per-row model-frame points -> the ``points`` argument of ``SegmentationModel.decode``.
+
+    Parameters
+    ----------
+    rows : sequence of ndarray or None
+        One entry per decoded row: (P_i, 3) ``[x, y, label]`` from :meth:`_Engine.
+        points_to_model` or None / empty (no points on that row).
+
+    Returns
+    -------
+    (Tensor, Tensor) or None
+        coords (N, P, 2) float32 and labels (N, P) int64, padded to the longest row with label
+        -1 at (0, 0) (the model ignores padding); None when no row has a point.
+    """
+    import torch
+
+    sizes = [0 if r is None else int(np.asarray(r).reshape(-1, 3).shape[0]) for r in rows]
+    longest = max(sizes, default=0)
+    if longest == 0:
+        return None
+    coords = np.zeros((len(rows), longest, 2), np.float32)
+    labels = np.full((len(rows), longest), -1, np.int64)
+    for i, (r, k) in enumerate(zip(rows, sizes)):
+        if k:
+            arr = np.asarray(r, dtype=np.float32).reshape(-1, 3)
+            coords[i, :k] = arr[:, :2]
+            labels[i, :k] = arr[:, 2].astype(np.int64)
+    return torch.from_numpy(coords), torch.from_numpy(labels)
 
 
 def _check_model(model: Any) -> None:
@@ -677,6 +832,42 @@ def _boxes_by_slice(
     return dict(sorted(per.items()))
 
 
+def _prompts_by_slice(
+    model: Any,
+    boxes: Mapping[int, Mapping[int, Sequence[float]]],
+    points: Mapping[int, Mapping[int, Sequence[Sequence[float]]]] | None,
+    stack_shape: tuple[int, int, int],
+) -> tuple[dict[int, list[tuple[int, Any]]], dict[int, dict[int, list]]]:
+    """Slice -> [(object id, clipped box or None)] and the validated points (object -> slice ->
+    [(y, x, label)]); a box-free entry is an object with points only on that slice.
+
+    Raises
+    ------
+    ValueError
+        Points for a model without ``supports_points`` (the measured reason), or invalid
+        boxes/points (:func:`prompts.check_boxes_in_stack`, :func:`prompts.
+        check_points_in_stack`).
+    """
+    from .model.base import points_refusal
+
+    per: dict[int, list[tuple[int, Any]]] = {
+        z: list(items) for z, items in _boxes_by_slice(boxes, stack_shape).items()
+    }
+    if not points:
+        return per, {}
+    clicks = check_points_in_stack(points, stack_shape)
+    if not clicks:
+        return per, {}
+    if not getattr(model, "supports_points", False):
+        raise ValueError(points_refusal(model))
+    for oid, frames in clicks.items():
+        for z in frames:
+            owners = [o for o, _ in per.get(z, [])]
+            if oid not in owners:
+                per.setdefault(z, []).append((oid, None))  # points alone on this slice
+    return dict(sorted(per.items())), clicks
+
+
 def iter_segment_boxes(
     model: SegmentationModel,
     stack: Any,
@@ -694,6 +885,7 @@ def iter_segment_boxes(
     num_threads: int | None = None,
     windows: str = "centred",
     window: tuple[float, float] | None = None,
+    points: Mapping[int, Mapping[int, Sequence[Sequence[float]]]] | None = None,
 ) -> Generator[Progress, None, SegmentationResult]:
     """Box-prompted segmentation: one label per object on every slice that has its box.
 
@@ -720,6 +912,13 @@ def iter_segment_boxes(
     windows : {"centred", "tiled"}
         Which group of D slices each boxed slice is encoded in (see Notes). ``"centred"``
         (default) costs D slice encodes per boxed slice, ``"tiled"`` about one.
+    points : mapping object id -> mapping slice -> sequence of (y, x, label), or None
+        Point prompts (clicks) in stack pixels (row, col; pixel centres at integers), label
+        1 = positive (part of the object), 0 = negative (not part of it); validated by
+        :func:`napari_masam.prompts.check_points_in_stack`. A point belongs to its object's box
+        on that slice (decoded together). Only models with ``supports_points`` take points
+        (ValueError with the measured reason otherwise, before any work). Points on a slice
+        where their object has no box are decoded alone (SAM's click-only prompt).
 
     Notes
     -----
@@ -768,7 +967,7 @@ def iter_segment_boxes(
         window=window,
         same_slice_axis=True,
     )
-    per_slice = _boxes_by_slice(boxes, eng.stack_shape)
+    per_slice, clicks = _prompts_by_slice(model, boxes, points, eng.stack_shape)
     object_ids = tuple(sorted({oid for items in per_slice.values() for oid, _ in items}))
     dtype = label_dtype_for(max(object_ids, default=0))
     target = eng.labels_target(out, keep_labels, dtype)
@@ -802,17 +1001,23 @@ def iter_segment_boxes(
                 for j, (_, items) in enumerate(units[b : b + eng.batch_size])
                 for _, r in items
             ]
-            box_rows: list[np.ndarray] = []
+            box_rows: list[np.ndarray | None] = []
+            point_rows: list[np.ndarray | None] = []
             owners: list[int] = []
             for i, (zs, _) in enumerate(batch):
-                for _, box in per_slice[zs]:
-                    box_rows.append(eng.box_to_model(box))
+                for oid, box in per_slice[zs]:
+                    box_rows.append(None if box is None else eng.box_to_model(box))
+                    here = clicks.get(oid, {}).get(zs)
+                    point_rows.append(eng.points_to_model(here) if here else None)
                     owners.append(emb_rows[i])
             with _torch_threads(num_threads), eng.compute():
                 emb = eng.embeddings(groups, wanted)  # B * len(wanted) x E x g x g
                 index = torch.as_tensor(owners, device=emb.device)
-                boxes_t = torch.from_numpy(np.stack(box_rows)).to(emb.device)
-                logits = eng.decode(emb.index_select(0, index), boxes_t)  # N x C+1 x h x w
+                if clicks:
+                    logits = eng.decode_prompts(emb.index_select(0, index), box_rows, point_rows)
+                else:
+                    boxes_t = torch.from_numpy(np.stack(box_rows)).to(emb.device)  # type: ignore[arg-type]
+                    logits = eng.decode(emb.index_select(0, index), boxes_t)  # N x C+1 x h x w
                 fg = 1.0 - logits.float().softmax(dim=1)[:, :1]
                 fg = probabilities_to_grid(fg, eng.info)[:, 0].cpu()  # N x Y x X
             for i, (zs, _) in enumerate(batch):

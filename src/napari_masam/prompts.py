@@ -422,6 +422,81 @@ def check_boxes_in_stack(
     return {oid: dict(sorted(per.items())) for oid, per in sorted(out.items())}
 
 
+#: A point prompt of a stack slice: ``(y, x, label)`` = (row, col) pixel indices (pixel centres at
+#: integers, fractions allowed) and 1 positive / 0 negative.
+Point = tuple[float, float, int]
+PointsByObject = dict[int, dict[int, list[Point]]]
+#: Point labels: what a click says about the pixel under it.
+POSITIVE, NEGATIVE = 1, 0
+
+
+def check_points_in_stack(
+    points: Mapping[Any, Mapping[Any, Sequence[Sequence[float]]]], stack_shape: Sequence[int]
+) -> PointsByObject:
+    """THE validation of point prompts of a stack (what the engine accepts).
+
+    Parameters
+    ----------
+    points : mapping object id -> mapping slice -> sequence of (y, x, label)
+        (row, col) pixel indices of the stack slice (pixel centres at integers; a point belongs
+        to the pixel whose centre is nearest, so -0.5 <= y < Y - 0.5), label 1 = positive
+        (part of the object), 0 = negative (not part of it).
+    stack_shape : sequence of int
+        (Z, Y, X[, ...]) of the stack.
+
+    Returns
+    -------
+    dict int -> dict int -> list of (float, float, int)
+        Sorted by object and slice; empty point lists dropped.
+
+    Raises
+    ------
+    ValueError
+        For an object id < 1, a slice outside the stack, a point that is not three numbers, a
+        non-finite coordinate, a point outside its slice or a label other than 0/1 (naming the
+        object, slice and point).
+    """
+    depth, ny, nx = int(stack_shape[0]), int(stack_shape[1]), int(stack_shape[2])
+    out: PointsByObject = {}
+    for oid, frames in points.items():
+        oid = int(oid)
+        if oid < 1:
+            raise ValueError(f"Object ids must be positive integers, got {oid}.")
+        for z, items in frames.items():
+            z = int(z)
+            if not 0 <= z < depth:
+                raise ValueError(
+                    f"Object {oid} has points on slice {z}, outside the stack's {depth} slices "
+                    f"(0..{depth - 1})."
+                )
+            kept: list[Point] = []
+            for item in items:
+                if len(item) != 3:
+                    raise ValueError(
+                        f"Object {oid}, slice {z}: a point is (y, x, label), got {tuple(item)!r}."
+                    )
+                y, x, label = float(item[0]), float(item[1]), item[2]
+                if not (math.isfinite(y) and math.isfinite(x)):
+                    raise ValueError(
+                        f"Object {oid}, slice {z}: point {(y, x)} is not finite; give pixel "
+                        "(row, col) positions."
+                    )
+                if not (-0.5 <= y < ny - 0.5 and -0.5 <= x < nx - 0.5):
+                    raise ValueError(
+                        f"Object {oid}, slice {z}: point (y={y:g}, x={x:g}) lies outside the "
+                        f"{ny} x {nx} slice (y = row, x = column; are they swapped?)."
+                    )
+                if isinstance(label, bool) or label not in (POSITIVE, NEGATIVE):
+                    raise ValueError(
+                        f"Object {oid}, slice {z}: point label {label!r} must be 1 (positive) "
+                        "or 0 (negative)."
+                    )
+                kept.append((y, x, int(label)))
+            if kept:
+                out.setdefault(oid, {})[z] = kept
+    return {oid: dict(sorted(per.items())) for oid, per in sorted(out.items())}
+
+
 def boxes_from_labels(labels: np.ndarray, object_ids: Iterable[int] | None = None) -> BoxesByObject:
     """Tight inclusive boxes of each label value on every slice where it occurs.
 

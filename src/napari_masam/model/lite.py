@@ -28,7 +28,14 @@ from torch import nn
 from ..devices import resolve_device
 from ..palette import label_colors
 from ..weights import LITEMEDSAM_SHA256, load_litemedsam_state_dict
-from .base import ModelMetadata, SegmentationModel
+from .base import (
+    POINTS_UNSUPPORTED_REASON,
+    ModelMetadata,
+    PointPrompts,
+    SegmentationModel,
+    check_points,
+    decode_point_groups,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +89,22 @@ LITEMEDSAM_RESIZE_MODE = "stretch"
 #: 0.877 vs 0.653). The engine applies it from the display orientation "SPL"
 #: (:func:`napari_masam.preprocess.orientation_transform`, in-plane only: the slice axis stays).
 LITEMEDSAM_ORIENTATION = "SLP"
+
+#: Why LiteMedSAM (and MA-SAM-Lite, its adaptation) refuse point prompts: measured by
+#: ``benchmarks/points_realdata.py`` (Colin27 T1 + AAL, 24 axial slices of 8 deep structures,
+#: embedded weights, 2026-11-30). Mean 2-D Dice: tight box 0.708; box + one positive click at
+#: the structure's centre 0.679; box + 1 / 2 / 3 simulated correction clicks 0.660 / 0.650 /
+#: 0.629 (better than the box alone on 42 / 38 / 29 % of the slices, worse on 58 / 62 / 71 %);
+#: a box around a lateral ventricle 0.724, with a negative click on the caudate/thalamus it
+#: grabbed 0.727 (6 slices). LiteMedSAM was trained with box prompts only: its point
+#: embeddings are SAM's, never trained with its decoder, and clicks make masks worse on average.
+LITEMEDSAM_POINTS_REASON = (
+    "LiteMedSAM was trained with box prompts only, and on real MRI (Colin27 + AAL, 24 slices) "
+    "clicks made its masks worse: mean Dice 0.708 with a box, 0.629 with a box and 3 "
+    "correction clicks"
+)
+POINTS_UNSUPPORTED_REASON["litemedsam"] = LITEMEDSAM_POINTS_REASON
+POINTS_UNSUPPORTED_REASON["masam-lite"] = LITEMEDSAM_POINTS_REASON
 
 # Keyword arguments that generic callers (registry, load_model) may pass as None.
 _TOLERATED_NONE_KWARGS = ("checkpoint", "sam_checkpoint", "masam_checkpoint", "image_size")
@@ -316,15 +339,69 @@ class LiteMedSAM(SegmentationModel):
         Tensor
             (N, 1, 256, 256) logits ``x`` of the object (sigmoid gives its probability).
         """
+        return self.prompt_logits(embeddings, boxes_xyxy, None)
+
+    def prompt_logits(
+        self,
+        embeddings: torch.Tensor,
+        boxes_xyxy: torch.Tensor | None,
+        points: PointPrompts | None = None,
+    ) -> torch.Tensor:
+        """The object logit of one prompt set (a box, points or both) per embedding row.
+
+        Runs whatever the model's :attr:`supports_points` says (the real-data benchmark
+        ``benchmarks/points_realdata.py`` measures points through here); :meth:`decode` is the
+        checked entry point.
+
+        Parameters
+        ----------
+        embeddings : Tensor
+            (N, 256, 64, 64).
+        boxes_xyxy : Tensor or None
+            (N, 4) XYXY pixels of the 256 input (x = column, max inclusive).
+        points : (coords, labels) or None
+            coords (N, P, 2) XY pixels of the 256 input, labels (N, P): 1 positive, 0 negative,
+            -1 padding (:func:`~napari_masam.model.base.check_points`). Without boxes, SAM's
+            prompt encoder adds its own padding point, as SAM does for clicks alone.
+
+        Returns
+        -------
+        Tensor
+            (N, 1, 256, 256) logits ``x`` of the object.
+        """
         self._check_embeddings(embeddings)
         n = embeddings.shape[0]
-        if boxes_xyxy.ndim != 2 or boxes_xyxy.shape != (n, 4):
-            raise ValueError(
-                f"Expected one XYXY box per embedding row, shape ({n}, 4); got "
-                f"{tuple(boxes_xyxy.shape)}."
-            )
-        boxes = boxes_xyxy.to(device=embeddings.device, dtype=torch.float32)
-        sparse, dense = self.prompt_encoder(points=None, boxes=boxes, masks=None)
+        boxes = None
+        if boxes_xyxy is not None:
+            if boxes_xyxy.ndim != 2 or boxes_xyxy.shape != (n, 4):
+                raise ValueError(
+                    f"Expected one XYXY box per embedding row, shape ({n}, 4); got "
+                    f"{tuple(boxes_xyxy.shape)}."
+                )
+            boxes = boxes_xyxy.to(device=embeddings.device, dtype=torch.float32)
+        if points is None:
+            if boxes is None:
+                raise ValueError(
+                    f"{type(self).__name__} needs a prompt per row: boxes_xyxy and/or points."
+                )
+            return self._decode_rows(embeddings, boxes, None)
+        points = check_points(points, n, embeddings.device)
+        return decode_point_groups(
+            n,
+            boxes,
+            points,
+            lambda index, b, p: self._decode_rows(embeddings.index_select(0, index), b, p),
+        )
+
+    def _decode_rows(
+        self,
+        embeddings: torch.Tensor,
+        boxes: torch.Tensor | None,
+        points: PointPrompts | None,
+    ) -> torch.Tensor:
+        """SAM's prompt encoder (public forward) + the first mask token, one row per prompt."""
+        n = embeddings.shape[0]
+        sparse, dense = self.prompt_encoder(points=points, boxes=boxes, masks=None)
         decoder = self.mask_decoder
         output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
         tokens = torch.cat([output_tokens.unsqueeze(0).expand(n, -1, -1), sparse], dim=1)
@@ -336,15 +413,20 @@ class LiteMedSAM(SegmentationModel):
         return _weigh_maps(hyper, upscaled)
 
     def decode(
-        self, embeddings: torch.Tensor, boxes_xyxy: torch.Tensor | None = None
+        self,
+        embeddings: torch.Tensor,
+        boxes_xyxy: torch.Tensor | None = None,
+        points: PointPrompts | None = None,
     ) -> torch.Tensor:
-        """Box-prompted logits (N, 2, 256, 256) = ``[0, x]``; boxes are required."""
-        if boxes_xyxy is None:
+        """Prompted logits (N, 2, 256, 256) = ``[0, x]``; a box per row is required, points
+        only when :attr:`supports_points` (ValueError otherwise)."""
+        self.refuse_points(points)
+        if boxes_xyxy is None and points is None:
             raise ValueError(
                 "LiteMedSAM segments with box prompts only (it has no automatic class head); "
                 "draw a box, or use an MA-SAM / fine-tuned MA-SAM-Lite model for automatic mode."
             )
-        x = self.box_logits(embeddings, boxes_xyxy)
+        x = self.prompt_logits(embeddings, boxes_xyxy, points)
         return torch.cat([torch.zeros_like(x), x], dim=1)
 
 

@@ -18,7 +18,7 @@ from segment_anything.modeling.prompt_encoder import PromptEncoder
 from torch import nn
 
 from ..palette import label_colors
-from .base import ModelMetadata, SegmentationModel
+from .base import ModelMetadata, PointPrompts, SegmentationModel, check_points, decode_point_groups
 from .config import MASAM_CONFIGS, MASAMConfig
 from .decoder import MASAMMaskDecoder
 from .encoder import MASAMImageEncoder
@@ -83,6 +83,8 @@ class MASAM(SegmentationModel):
         self.num_classes = config.num_classes
         self.supports_automatic = True
         self.supports_boxes = True
+        # SAM's prompt encoder, trained by Meta on clicks (and fine-tuned whole by MA-SAM)
+        self.supports_points = True
         self.metadata = metadata if metadata is not None else default_metadata(config)
         grid = config.grid_size
         self.image_encoder = MASAMImageEncoder(config)
@@ -132,7 +134,10 @@ class MASAM(SegmentationModel):
         return self.image_encoder(images.reshape(b * d, *images.shape[2:]), d)
 
     def decode_with_iou(
-        self, embeddings: torch.Tensor, boxes_xyxy: torch.Tensor | None = None
+        self,
+        embeddings: torch.Tensor,
+        boxes_xyxy: torch.Tensor | None = None,
+        points: PointPrompts | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Mask logits and the iou head's predictions (the authors' ``iou_predictions``).
 
@@ -141,8 +146,10 @@ class MASAM(SegmentationModel):
         embeddings : Tensor
             (N, E, g, g) from :meth:`encode`.
         boxes_xyxy : Tensor or None
-            (N, 4) float boxes, XYXY pixels of the model input (x = column), one per row; None
-            for automatic mode.
+            (N, 4) float boxes, XYXY pixels of the model input (x = column), one per row.
+        points : (coords, labels) or None
+            coords (N, P, 2) XY pixels of the model input, labels (N, P): 1 positive,
+            0 negative, -1 padding (:func:`~napari_masam.model.base.check_points`).
 
         Returns
         -------
@@ -150,6 +157,15 @@ class MASAM(SegmentationModel):
             (N, C + 1, S, S) logits (channel 0 background).
         iou : Tensor
             (N, C + 1).
+
+        Notes
+        -----
+        Automatic mode is ``boxes_xyxy is None and points is None`` (no prompt token: the
+        class tokens alone). Points without boxes are a *prompted* call: SAM's prompt encoder
+        appends its not-a-point padding token as SAM does for clicks alone, and every row must
+        have at least one real point. Padding (-1) is removed before the prompt encoder (rows
+        decoded in groups of equal point count, :func:`~napari_masam.model.base.
+        decode_point_groups`), so a row's logits do not depend on the other rows.
         """
         if embeddings.ndim != 4:
             raise ValueError(f"embeddings must be (N, E, g, g); got {tuple(embeddings.shape)}.")
@@ -160,20 +176,40 @@ class MASAM(SegmentationModel):
                     f"(one XYXY box per slice); got {tuple(boxes_xyxy.shape)}."
                 )
             boxes_xyxy = boxes_xyxy.to(device=embeddings.device, dtype=torch.float32)
-        sparse, dense = self.prompt_encoder(points=None, boxes=boxes_xyxy, masks=None)
         image_pe = self.prompt_encoder.get_dense_pe()
-        return self.mask_decoder(embeddings, image_pe, sparse, dense)
+        if points is None:
+            sparse, dense = self.prompt_encoder(points=None, boxes=boxes_xyxy, masks=None)
+            return self.mask_decoder(embeddings, image_pe, sparse, dense)
+        self.refuse_points(points)
+        points = check_points(points, embeddings.shape[0], embeddings.device)
+        ious: dict[int, torch.Tensor] = {}
+
+        def rows(index: torch.Tensor, boxes, group_points) -> torch.Tensor:
+            sparse, dense = self.prompt_encoder(points=group_points, boxes=boxes, masks=None)
+            masks, iou = self.mask_decoder(
+                embeddings.index_select(0, index), image_pe, sparse, dense
+            )
+            for j, i in enumerate(index.tolist()):
+                ious[i] = iou[j]
+            return masks
+
+        masks = decode_point_groups(embeddings.shape[0], boxes_xyxy, points, rows)
+        return masks, torch.stack([ious[i] for i in range(len(ious))])
 
     def decode(
-        self, embeddings: torch.Tensor, boxes_xyxy: torch.Tensor | None = None
+        self,
+        embeddings: torch.Tensor,
+        boxes_xyxy: torch.Tensor | None = None,
+        points: PointPrompts | None = None,
     ) -> torch.Tensor:
-        """Mask logits (N, C + 1, S, S) from embeddings (N, E, g, g) and optional boxes (N, 4).
+        """Mask logits (N, C + 1, S, S) from embeddings (N, E, g, g), optional boxes (N, 4)
+        and optional points ((N, P, 2), (N, P)).
 
         See :meth:`decode_with_iou`. In automatic mode all rows share the same prompt tokens;
         with boxes, row i is decoded with box i (SAM's box embedding: corners + 0.5, divided by
-        the input size).
+        the input size) and its points (SAM's point embedding, trained by Meta on clicks).
         """
-        return self.decode_with_iou(embeddings, boxes_xyxy)[0]
+        return self.decode_with_iou(embeddings, boxes_xyxy, points)[0]
 
     def forward(self, images: torch.Tensor, boxes_xyxy: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (B*D, C + 1, S, S) of images (B, D, 3, S, S) and optional boxes (B, D, 4).

@@ -34,7 +34,7 @@ from ..devices import resolve_device
 from ..palette import label_colors
 from ..weights import LITEMEDSAM_SHA256, load_litemedsam_state_dict
 from .adapters import Adapter3D, FacTQKV, FacTShared
-from .base import DISPLAY_ORIENTATION, ModelMetadata
+from .base import DISPLAY_ORIENTATION, ModelMetadata, PointPrompts
 from .lite import (
     LITEMEDSAM_INTENSITY_PRESET,
     LITEMEDSAM_RESIZE_MODE,
@@ -270,12 +270,18 @@ class MASAMLite(LiteMedSAM):
         return _weigh_maps(hyper, upscaled)
 
     def decode(
-        self, embeddings: torch.Tensor, boxes_xyxy: torch.Tensor | None = None
+        self,
+        embeddings: torch.Tensor,
+        boxes_xyxy: torch.Tensor | None = None,
+        points: PointPrompts | None = None,
     ) -> torch.Tensor:
-        """(N, C + 1, 256, 256) logits: automatic head if ``boxes_xyxy`` is None, else box path."""
-        if boxes_xyxy is None:
+        """(N, C + 1, 256, 256) logits: the automatic head if neither boxes nor points are given,
+        else the prompted path (boxes, and points where :attr:`supports_points`; the class
+        head is never used with a prompt)."""
+        self.refuse_points(points)
+        if boxes_xyxy is None and points is None:
             return self.automatic_logits(embeddings)
-        x = self.box_logits(embeddings, boxes_xyxy)
+        x = self.prompt_logits(embeddings, boxes_xyxy, points)
         fg = x - math.log(self.num_classes) if self.num_classes > 1 else x
         return torch.cat([torch.zeros_like(x), fg.expand(-1, self.num_classes, -1, -1)], dim=1)
 

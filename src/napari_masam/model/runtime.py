@@ -46,7 +46,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .base import SegmentationModel
+from .base import PointPrompts, SegmentationModel
 
 if TYPE_CHECKING:
     from .lite import LiteMedSAM
@@ -532,6 +532,7 @@ class RuntimeLiteMedSAM(SegmentationModel):
         self.num_classes = reference.num_classes
         self.supports_automatic = reference.supports_automatic
         self.supports_boxes = reference.supports_boxes
+        self.supports_points = reference.supports_points
         self.metadata = reference.metadata
         #: Windows per encoder call the engine should use on this backend.
         self.preferred_batch_size = CPU_BATCH_SIZE
@@ -581,9 +582,19 @@ class RuntimeLiteMedSAM(SegmentationModel):
         return torch.from_numpy(self.session().box_logits(emb, boxes))
 
     def decode(
-        self, embeddings: torch.Tensor, boxes_xyxy: torch.Tensor | None = None
+        self,
+        embeddings: torch.Tensor,
+        boxes_xyxy: torch.Tensor | None = None,
+        points: PointPrompts | None = None,
     ) -> torch.Tensor:
-        """Box-prompted logits (N, 2, S, S) = ``[0, x]``; boxes are required."""
+        """Prompted logits (N, 2, S, S) = ``[0, x]``; boxes are required.
+
+        The exported decoder takes boxes only, so calls with points (where the reference has
+        :attr:`supports_points`) decode through the torch :attr:`reference` (the decoder is
+        cheap; the embeddings are the runtime's, equal within :data:`MAX_LOGIT_DIFF`).
+        """
+        if points is not None:
+            return self.reference.decode(embeddings.to(torch.float32), boxes_xyxy, points)
         if boxes_xyxy is None:
             return self.reference.decode(embeddings, None)  # raises the reference's message
         x = self.box_logits(embeddings, boxes_xyxy)
