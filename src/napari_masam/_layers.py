@@ -21,7 +21,7 @@ import numpy as np
 
 if TYPE_CHECKING:
     import napari
-    from napari.layers import Image, Labels, Layer, Shapes
+    from napari.layers import Image, Labels, Layer, Points, Shapes
 
 logger = logging.getLogger(__name__)
 
@@ -620,6 +620,231 @@ def shapes_in_image_frame(
         vertices.append(corners)
         ids.append(int(features[OBJECT_FEATURE].iloc[i]) if has_ids else len(ids) + 1)
     return ShapePrompts(vertices, ids, tuple(skipped), mapped_slice=min(mapped) if mapped else None)
+
+
+# ----------------------------------------------------------------------------------------------
+# Point prompts (clicks)
+# ----------------------------------------------------------------------------------------------
+#: Name of the Points layer holding point prompts.
+POINT_PROMPTS_LAYER_NAME = "point prompts"
+#: Categorical feature of a point prompts layer: what each click says about its pixel.
+POINT_PROMPT_FEATURE = "prompt"
+POSITIVE_POINT, NEGATIVE_POINT = "positive", "negative"
+#: Colours of the two kinds of click (micro-sam and SAM demos use the same green / red).
+POINT_PROMPT_COLORS = {POSITIVE_POINT: "#00e000", NEGATIVE_POINT: "#ff2020"}
+#: The key (on the point prompts layer) that toggles what the next click adds. napari's own
+#: Points keys are 2-5, P, S, Z, A, Delete/Backspace and Ctrl combinations; "T" is a Shapes-only
+#: key (path mode), so on a Points layer it is free (micro-sam's annotators use it the same way).
+TOGGLE_POINT_KEY = "T"
+
+
+def create_point_prompts_layer(
+    viewer: napari.Viewer, image_layer: Image, name: str = POINT_PROMPTS_LAYER_NAME
+) -> Points:
+    """Add a Points layer for positive / negative clicks that overlays ``image_layer`` exactly.
+
+    Like :func:`create_prompts_layer`: the image's ``scale``, ``translate``, ``units`` (and
+    affine) are copied, so point coordinates in the layer's data frame are the image's pixel
+    indices ``(slice, row, col)``, and the layer is bound to the image (:func:`bind_prompts`).
+    Each point has the categorical feature :data:`POINT_PROMPT_FEATURE` (``"positive"`` green,
+    ``"negative"`` red); new points get ``"positive"`` until :func:`set_next_point_prompt` or
+    :func:`toggle_next_point_prompt` changes it. The layer is selected in add mode.
+    """
+    import pandas as pd
+
+    info = stack_from_layer(image_layer)
+    ndim = len(info.labels_shape)
+    kwargs: dict[str, Any] = {"units": info.units} if info.units else {}
+    affine = np.asarray(image_layer.affine.affine_matrix)
+    if not np.allclose(affine, np.eye(affine.shape[0])):
+        kwargs["affine"] = affine[-(ndim + 1) :, -(ndim + 1) :]
+    # ~2 % of the slice's side, in pixels (napari sizes points in data units), so a click shows
+    size = max(2.0, 0.02 * float(max(info.labels_shape[-2:])))
+    layer = viewer.add_points(
+        ndim=ndim,
+        name=name,
+        scale=info.scale,
+        translate=info.translate,
+        size=size,
+        features={POINT_PROMPT_FEATURE: pd.Categorical([], categories=list(POINT_PROMPT_COLORS))},
+        feature_defaults={POINT_PROMPT_FEATURE: POSITIVE_POINT},
+        face_color=POINT_PROMPT_FEATURE,
+        face_color_cycle=dict(POINT_PROMPT_COLORS),
+        border_color="white",
+        **kwargs,
+    )
+    bind_prompts(layer, image_layer)
+    activate_for_clicking(viewer, layer)
+    return layer
+
+
+def activate_for_clicking(viewer: napari.Viewer, points_layer: Points) -> None:
+    """Make ``points_layer`` the active layer in add mode: the next click adds a point."""
+    viewer.layers.selection.active = points_layer
+    points_layer.mode = "add"
+
+
+def next_point_prompt(points_layer: Points) -> str:
+    """``"positive"`` or ``"negative"``: what the next click in ``points_layer`` adds."""
+    defaults = points_layer.feature_defaults
+    if POINT_PROMPT_FEATURE not in getattr(defaults, "columns", ()):
+        return POSITIVE_POINT
+    return str(defaults[POINT_PROMPT_FEATURE].iloc[0])
+
+
+def set_next_point_prompt(points_layer: Points, kind: str) -> None:
+    """Make the next clicks in ``points_layer`` add ``kind`` (``"positive"``/``"negative"``).
+
+    Raises
+    ------
+    ValueError
+        For another kind.
+    """
+    if kind not in POINT_PROMPT_COLORS:
+        raise ValueError(
+            f"A point prompt is {' or '.join(map(repr, POINT_PROMPT_COLORS))}, not {kind!r}."
+        )
+    # (not current_face_color: napari applies that to the selected points, i.e. the last
+    # click; the face colour follows the feature through the layer's colour cycle)
+    points_layer.feature_defaults = {POINT_PROMPT_FEATURE: kind}
+
+
+def toggle_next_point_prompt(points_layer: Points) -> str:
+    """Switch what the next click adds (positive <-> negative); returns the new kind."""
+    kind = NEGATIVE_POINT if next_point_prompt(points_layer) == POSITIVE_POINT else POSITIVE_POINT
+    set_next_point_prompt(points_layer, kind)
+    return kind
+
+
+@dataclass(frozen=True)
+class PointPrompts:
+    """Clicks read from a Points layer, in an image's pixel frame.
+
+    Attributes
+    ----------
+    points_zyx : list of (int, float, float, int)
+        ``(slice, row, col, label)`` per point inside the image: pixel indices of the image's
+        data (pixel centres at integers), label 1 positive / 0 negative.
+    outside : int
+        Points that lie outside the image (ignored; the widget says how many).
+    mapped_slice : int or None
+        For a 2-D Points layer over a volume: the slice the points were put on (the one on
+        screen); None otherwise.
+    """
+
+    points_zyx: list[tuple[int, float, float, int]]
+    outside: int = 0
+    mapped_slice: int | None = None
+
+
+def points_in_image_frame(
+    points_layer: Points, image_layer: Image, *, world_point: Sequence[float] | None = None
+) -> PointPrompts:
+    """The clicks of a Points layer in an image's pixel frame (data -> world -> image data).
+
+    The point-prompt twin of :func:`shapes_in_image_frame` (same frames, same 2-D-over-volume
+    rule). A point's kind is its :data:`POINT_PROMPT_FEATURE` (``"negative"`` -> 0, anything
+    else -> 1); a Points layer without that feature holds positive clicks only.
+
+    Raises
+    ------
+    ValueError
+        A 2-D Points layer over a volume without ``world_point``.
+    """
+    info = stack_from_layer(image_layer)
+    n_img = len(info.labels_shape)
+    n_pts = int(points_layer.ndim)
+    lower_dim = n_pts < n_img
+    if lower_dim and world_point is None:
+        raise ValueError(
+            f"Points layer {points_layer.name!r} is {n_pts}-D but image {image_layer.name!r} is "
+            f"{n_img}-D: its points belong to no slice. Use 'Add point prompts' to make a point "
+            "layer for this image, and click on the slice you mean."
+        )
+    features = points_layer.features
+    kinds = (
+        [str(v) for v in features[POINT_PROMPT_FEATURE]]
+        if POINT_PROMPT_FEATURE in getattr(features, "columns", ())
+        else [POSITIVE_POINT] * len(points_layer.data)
+    )
+    out: list[tuple[int, float, float, int]] = []
+    outside = 0
+    mapped: set[int] = set()
+    shape_yx = info.labels_shape[-2:]
+    n_slices = info.n_slices
+    for data, kind in zip(np.asarray(points_layer.data, dtype=float), kinds, strict=True):
+        world = np.asarray(points_layer.data_to_world(data), dtype=float)
+        if lower_dim:
+            full = np.asarray(world_point, dtype=float).copy()
+            full[-world.shape[0] :] = world[-world.shape[0] :]
+            world = full
+        img = np.asarray(image_layer.world_to_data(world), dtype=float)[-n_img:]
+        if info.is_2d:
+            img = np.concatenate([[0.0], img])
+        z = int(np.round(img[0]))
+        y, x = float(img[1]), float(img[2])
+        if lower_dim:
+            mapped.add(z)
+        inside = (
+            0 <= z < n_slices and -0.5 <= y < shape_yx[0] - 0.5 and -0.5 <= x < shape_yx[1] - 0.5
+        )
+        if not inside:
+            outside += 1
+            continue
+        out.append((z, y, x, 0 if kind == NEGATIVE_POINT else 1))
+    return PointPrompts(out, outside, mapped_slice=min(mapped) if mapped else None)
+
+
+def assign_points_to_objects(
+    points_zyx: Sequence[tuple[int, float, float, int]],
+    boxes: dict[int, dict[int, Sequence[float]]],
+    default_object: int | None,
+) -> tuple[dict[int, dict[int, list[tuple[float, float, int]]]], list[tuple[int, float, float]]]:
+    """Each click goes to the object whose box contains it on that slice.
+
+    Parameters
+    ----------
+    points_zyx : sequence of (slice, row, col, label)
+        From :func:`points_in_image_frame`.
+    boxes : dict object id -> dict slice -> (x0, y0, x1, y1)
+        Inclusive pixel boxes (:mod:`napari_masam.prompts`).
+    default_object : int or None
+        Object of clicks inside no box (a model that decodes points alone); None: such clicks
+        are returned as unassigned.
+
+    Returns
+    -------
+    assigned : dict object id -> dict slice -> list of (row, col, label)
+        The engine's ``points`` argument.
+    unassigned : list of (slice, row, col)
+        Clicks in no box when ``default_object`` is None.
+
+    Notes
+    -----
+    A click inside several boxes goes to the box whose centre is nearest (Euclidean, pixels);
+    box edges are pixel indices, inclusive, so a click on the edge pixel's outer half still
+    counts (``x0 - 0.5 <= x <= x1 + 0.5``).
+    """
+    assigned: dict[int, dict[int, list[tuple[float, float, int]]]] = {}
+    unassigned: list[tuple[int, float, float]] = []
+    for z, y, x, label in points_zyx:
+        best, best_d = None, float("inf")
+        for oid, frames in boxes.items():
+            box = frames.get(z)
+            if box is None:
+                continue
+            x0, y0, x1, y1 = (float(v) for v in box)
+            if x0 - 0.5 <= x <= x1 + 0.5 and y0 - 0.5 <= y <= y1 + 0.5:
+                d = ((x - (x0 + x1) / 2) ** 2 + (y - (y0 + y1) / 2) ** 2) ** 0.5
+                if d < best_d:
+                    best, best_d = oid, d
+        if best is None:
+            if default_object is None:
+                unassigned.append((z, y, x))
+                continue
+            best = int(default_object)
+        assigned.setdefault(int(best), {}).setdefault(int(z), []).append((y, x, int(label)))
+    return assigned, unassigned
 
 
 def rectangles_in_image_frame(

@@ -50,6 +50,7 @@ from ._widget_controls import (
     automatic_support,
     build_controls,
     path_or_none,
+    points_support,
     request_from_controls,
 )
 from ._widget_export import (
@@ -72,7 +73,7 @@ from ._widget_objects import (
 
 if TYPE_CHECKING:
     import napari
-    from napari.layers import Image, Labels, Shapes
+    from napari.layers import Image, Labels, Points, Shapes
 
 logger = logging.getLogger(__name__)
 
@@ -152,6 +153,8 @@ class MASAMWidget(Container):
         self._last_result: Any = None
         self._preview: Labels | None = None
         self._prompts: Shapes | None = None
+        self._point_prompts: Points | None = None
+        self._clicking = False  # the point prompts layer was active when the run started
         self._preview_key: tuple | None = None
         self._objects: dict[int, ObjectRecord] = {}
         self._styles: dict[int, tuple[str, str]] = {}  # user-chosen (name, colour) per object
@@ -191,6 +194,7 @@ class MASAMWidget(Container):
         self._checkpoint, self._masam_checkpoint = c.checkpoint, c.masam_checkpoint
         self._device, self._preset, self._level, self._width = c.device, c.preset, c.level, c.width
         self._backend = c.backend
+        self._points_btn = c.points_btn
         self._mode, self._stride, self._prompts_btn, self._object = (
             c.mode,
             c.stride,
@@ -227,6 +231,7 @@ class MASAMWidget(Container):
         c.keyframe_btn.changed.connect(lambda *_: self.mark_keyframe())
         c.precompute_btn.changed.connect(lambda *_: self.precompute())
         c.prompts_btn.changed.connect(lambda *_: self.add_prompts_layer())
+        c.points_btn.changed.connect(lambda *_: self.add_point_prompts_layer())
         c.run_btn.changed.connect(lambda *_: self.run())
         c.cancel_btn.changed.connect(lambda *_: self.cancel())
         c.commit_btn.changed.connect(lambda *_: self.commit())
@@ -398,6 +403,7 @@ class MASAMWidget(Container):
         automatic = self._mode.value == "automatic"
         self._stride.visible = automatic
         self._prompts_btn.visible = not automatic
+        self._points_btn.visible = not automatic
         self._object.visible = not automatic
         image = self._image.value
         stacked = image is not None and self._n_slices(image) > 1
@@ -587,6 +593,134 @@ class MASAMWidget(Container):
         )
         return self._prompts
 
+    def add_point_prompts_layer(self) -> Points | None:
+        """Create (or select) the chosen image's point prompts layer, in add mode.
+
+        Clicks are positive (green) until the toggle key (:data:`_layers.TOGGLE_POINT_KEY`,
+        "T", on that layer) switches the next clicks to negative (red) and back. Refused, with
+        the measured reason, for a model that takes no points.
+        """
+        image = self._image.value
+        if image is None:
+            self._error("Open an image first (File > Open, or File > Open Sample > napari-masam).")
+            return None
+        supported = self._points_supported()
+        if supported is False:
+            self._error(self._points_refusal())
+            return None
+        existing = self._point_layers(image, bind=False)
+        if existing:
+            layer = existing[-1]
+        else:
+            taken = {layer.name for layer in self.viewer.layers}
+            name = _layers.POINT_PROMPTS_LAYER_NAME
+            if name in taken:
+                name = f"{_layers.POINT_PROMPTS_LAYER_NAME} ({image.name})"
+            try:
+                layer = _layers.create_point_prompts_layer(self.viewer, image, name)
+            except (TypeError, ValueError) as exc:
+                self._error(str(exc))
+                return None
+        self._point_prompts = layer
+        self._bind_point_keys(layer)
+        _layers.activate_for_clicking(self.viewer, layer)
+        self._set_status(
+            f"Click on the object in {image.name!r}: the next click is "
+            f"{_layers.next_point_prompt(layer)} ({_layers.TOGGLE_POINT_KEY} toggles positive/"
+            "negative). A click belongs to the object whose box contains it; then Run."
+        )
+        return layer
+
+    def _bind_point_keys(self, layer: Points) -> None:
+        """The toggle key and Ctrl+Z (undo the last run) on a point prompts layer."""
+        ref = weakref.ref(self)
+
+        def toggle(points_layer: Any) -> None:
+            kind = _layers.toggle_next_point_prompt(points_layer)
+            widget = ref()
+            if widget is not None:
+                widget._set_status(
+                    f"Next click: {kind} ({_layers.TOGGLE_POINT_KEY} toggles).", log=False
+                )
+
+        toggle.__doc__ = "napari-masam: toggle positive/negative for the next click"
+        with contextlib.suppress(ValueError, TypeError):
+            layer.bind_key(_layers.TOGGLE_POINT_KEY, toggle, overwrite=True)
+        self._bind_prompts_keys(layer)
+
+    def _point_layers(self, image: Image, *, bind: bool = True) -> list[Points]:
+        """Points layers holding clicks for ``image``: those bound to it, and hand-made unbound
+        ones (bound to it now when ``bind``; as a hand-made 'prompts' Shapes layer is). Layers
+        bound to another image are never used on this one."""
+        found = []
+        for layer in self.viewer.layers:
+            if not isinstance(layer, self._Points):
+                continue
+            if _layers.is_bound_to(layer, image):
+                found.append(layer)
+            elif _layers.prompts_image(layer) is None:
+                if bind and len(layer.data):
+                    _layers.bind_prompts(layer, image)
+                found.append(layer)
+        return found
+
+    def _points_supported(self) -> bool | None:
+        """Whether the model that would run takes point prompts: the loaded session's model
+        when it is the chosen one, else what the choice is known to do (None: a checkpoint
+        file, unknown until loaded; the engine then checks)."""
+        session = self._session
+        if session is not None and self._session_key == self._current_key():
+            return bool(getattr(session.model, "supports_points", False))
+        return points_support(str(self._model.value))
+
+    def _points_refusal(self) -> str:
+        """THE refusal text (``model.base.points_refusal``) for the model that would run."""
+        session = self._session
+        if session is not None and self._session_key == self._current_key():
+            from .model.base import points_refusal
+
+            return points_refusal(session.model)
+        from .model import lite  # noqa: F401  (registers LiteMedSAM's measured reason)
+        from .model.base import points_refusal_text
+
+        choice = str(self._model.value)
+        return points_refusal_text(choice, choice)
+
+    def _points_for(
+        self, image: Image, info: _layers.LayerStack, boxes: dict
+    ) -> tuple[dict[int, dict[int, list[tuple[float, float, int]]]], str]:
+        """The clicks of the image's point prompts layers, per object and slice, and a note.
+
+        Each click goes to the object whose box contains it on that slice (nearest box centre
+        if several: :func:`_layers.assign_points_to_objects`); a click inside no box goes to
+        the current object id, decoded from points alone (models that take points decode
+        clicks without a box, as SAM does).
+
+        With a model that takes no points, the clicks are not used: the note and a warning say
+        so with the measured reason (without any box, :meth:`_refuse_points` refuses the run).
+        """
+        layers = [layer for layer in self._point_layers(image) if len(layer.data)]
+        if not layers:
+            return {}, ""
+        if self._points_supported() is False:
+            # the boxes run; the clicks are not used, and the user is told why (never silent)
+            from napari.utils.notifications import show_warning
+
+            note = f"Points layer {layers[0].name!r} not used: {self._points_refusal()}"
+            show_warning(note)
+            return {}, note
+        clicks: list[tuple[int, float, float, int]] = []
+        outside = 0
+        for layer in layers:
+            found = _layers.points_in_image_frame(layer, image, world_point=self.viewer.dims.point)
+            clicks += found.points_zyx
+            outside += found.outside
+        assigned, _ = _layers.assign_points_to_objects(
+            clicks, boxes, default_object=int(self._object.value)
+        )
+        note = f"Ignored {outside} click(s) outside image {image.name!r}." if outside else ""
+        return assigned, note
+
     def _bound_prompts_layers(self, image: Image) -> list[Shapes]:
         return [
             layer
@@ -646,24 +780,14 @@ class MASAMWidget(Container):
         return layer
 
     def _refuse_points(self, image: Image) -> None:
-        """Points are prompts only for models that take them; say so instead of "No boxes"."""
-        points = [
-            layer
-            for layer in self.viewer.layers
-            if isinstance(layer, self._Points) and len(layer.data)
-        ]
-        if not points:
+        """Points are prompts only for models that take them; say so (with the measured
+        reason) instead of "No boxes"."""
+        points = [layer for layer in self._point_layers(image, bind=False) if len(layer.data)]
+        if not points or self._points_supported() is not False:
             return
-        model = self._model.value
-        session = self._session
-        if session is not None and self._session_key == self._current_key():
-            model = session.model.metadata.name
-            if getattr(session.model, "supports_points", False):
-                return
         raise ValueError(
-            f"Points layer {points[0].name!r}: point prompts are not supported by model "
-            f"{model!r} (its decoder takes boxes only). Draw a rectangle around the object in "
-            f"a prompts layer instead ('Add prompts layer' for {image.name!r})."
+            f"Points layer {points[0].name!r}: {self._points_refusal()} ('Add prompts layer' "
+            f"for {image.name!r})."
         )
 
     def _bind_prompts_keys(self, layer: Shapes) -> None:
@@ -788,17 +912,29 @@ class MASAMWidget(Container):
                 show_warning(automatic_note(values.model))  # said before the long run starts
             return request
         propagate = values.propagate and info.n_slices > 1
-        boxes, note = self._boxes_for(image, info, interpolate=not propagate)
+        try:
+            boxes, note = self._boxes_for(image, info, interpolate=not propagate)
+        except ValueError:
+            # clicks alone are prompts for a model that takes points (MA-SAM)
+            clicking = any(len(layer.data) for layer in self._point_layers(image, bind=False))
+            if not clicking or self._points_supported() is False:
+                raise
+            boxes, note = {}, ""
+        points, points_note = self._points_for(image, info, boxes)
+        note = " ".join(n for n in (note, points_note) if n)
         identity = self._preview_identity(values, image)
         same_preview = identity == self._preview_key and self._preview is not None
         records = self._objects if same_preview else {}
         masks = self._keyframe_masks if propagate and same_preview else {}
-        probe = request_from_controls(values, image, info, boxes, masks=masks)
+        probe = request_from_controls(values, image, info, boxes, masks=masks, points=points)
         signatures = {
             obj: prompts_signature(
-                boxes.get(obj, {}), probe.masks.get(obj), probe.slice_ranges.get(obj)
+                boxes.get(obj, {}),
+                probe.masks.get(obj),
+                probe.slice_ranges.get(obj),
+                points.get(obj),
             )
-            for obj in {*boxes, *probe.masks}
+            for obj in {*boxes, *probe.masks, *points}
         }
         recompute, removed = changed_objects(records, signatures)
         if removed and same_preview:
@@ -820,8 +956,9 @@ class MASAMWidget(Container):
             )
         chosen_boxes = {k: boxes[k] for k in recompute if k in boxes}
         chosen_masks = {k: probe.masks[k] for k in recompute if k in probe.masks}
+        chosen_points = {k: points[k] for k in recompute if k in points}
         if not propagate:
-            return request_from_controls(values, image, info, chosen_boxes)
+            return request_from_controls(values, image, info, chosen_boxes, points=chosen_points)
         # correction loop: objects whose keyframes were only added or changed recompute the
         # slices that depend on them; the others (new, keyframe removed, range moved) whole
         previous = None
@@ -843,6 +980,7 @@ class MASAMWidget(Container):
             masks=chosen_masks,
             previous=previous,
             changed=changed or None,
+            points=chosen_points,
         )
 
     def _boxes_for(
@@ -914,7 +1052,7 @@ class MASAMWidget(Container):
         # colours to a direct colormap recompiles its shader on the next paint (measured 0.3-2
         # s with software OpenGL), which used to land at the end of the first run. Now it
         # happens here, while the worker is still loading the model.
-        ids = sorted({*request.boxes, *request.masks}) or [1]
+        ids = sorted({*request.boxes, *request.masks, *request.points}) or [1]
         styles = {i: self._object_style(i) for i in range(1, max(ids) + 1)}
         _layers.set_label_classes(
             self._preview, [n for n, _ in styles.values()], [c for _, c in styles.values()]
@@ -949,7 +1087,7 @@ class MASAMWidget(Container):
                 )
             )
         elif request.mode == "boxes":
-            ids = set(request.boxes) | set(request.masks)
+            ids = set(request.boxes) | set(request.masks) | set(request.points)
             kept = len(set(self._objects) - ids)
             self._set_status(
                 f"Running {len(ids)} object(s)"
@@ -966,6 +1104,10 @@ class MASAMWidget(Container):
         self._commit_btn.enabled = False
         if preview is not None:
             preview.visible = True
+        active = self.viewer.layers.selection.active
+        if isinstance(active, self._Points) and _layers.is_bound_to(active, request.image):
+            self._point_prompts = active
+        self._clicking = active is not None and active is self._point_prompts
         self._keep_prompts_active()
         self._worker = _worker.start_worker(
             lambda: self._engine_generator(request, session),
@@ -981,7 +1123,16 @@ class MASAMWidget(Container):
 
     def _keep_prompts_active(self) -> None:
         """Box mode: the prompts layer stays the active layer in drawing mode (the next drag
-        draws a box instead of panning or painting the preview)."""
+        draws a box instead of panning or painting the preview); when the run started from the
+        point prompts layer, that layer stays active in add mode (the next click adds a
+        point)."""
+        points = self._point_prompts
+        if self._clicking and points is not None and points in self.viewer.layers:
+            active = self.viewer.layers.selection.active
+            ours = active is None or active is self._preview or active is points
+            if ours and (active is not points or points.mode in ("pan_zoom", "transform")):
+                _layers.activate_for_clicking(self.viewer, points)
+            return
         prompts = self._prompts
         if self._mode.value != "boxes" or prompts is None or prompts not in self.viewer.layers:
             return
@@ -1010,6 +1161,8 @@ class MASAMWidget(Container):
 
         info = request.info
         extra: dict[str, Any] = {"preset": request.preset}
+        if request.points:  # clicks (the engine refuses them, with the reason, for box-only models)
+            extra["points"] = {k: dict(v) for k, v in request.points.items()}
         if getattr(session.device, "type", "cpu") == "cpu":
             # leave one core to the GUI thread: napari keeps drawing while the model runs
             extra["num_threads"] = gui_friendly_threads()
@@ -1017,6 +1170,7 @@ class MASAMWidget(Container):
             return (yield from session.iter_precompute(info.stack, windows="tiled", **extra))
         if request.mode == "automatic":
             check_mode(session.model, "automatic")
+            extra.pop("points", None)
             engine = session.iter_automatic(
                 info.stack, stride=request.stride, keep_labels=False, **extra
             )
@@ -1104,14 +1258,18 @@ class MASAMWidget(Container):
         if request.propagate:
             self._adopt_propagation(result, preview)
         elif request.mode == "boxes":
-            for obj, per_slice in request.boxes.items():
+            for obj in request.object_ids:
+                per_slice = request.boxes.get(obj, {})
+                clicks = request.points.get(obj, {})
+                slices = set(per_slice) | set(clicks)
                 old = self._objects.get(obj)
-                stale = set(old.slices if old else ()) - set(per_slice)
-                if stale:  # slices the object's new boxes no longer reach
+                stale = set(old.slices if old else ()) - slices
+                if stale:  # slices the object's new prompts no longer reach
                     _layers.clear_objects(preview, [obj], stale)
                 name, color = self._object_style(obj)
+                signature = prompts_signature(per_slice, points_by_slice=clicks)
                 self._objects[obj] = ObjectRecord(
-                    obj, name, color, prompts_signature(per_slice), tuple(sorted(per_slice))
+                    obj, name, color, signature, tuple(sorted(slices))
                 )
         else:
             top = int(np.asarray(preview.data).max(initial=0))
@@ -1122,7 +1280,7 @@ class MASAMWidget(Container):
             }
         self._refresh_objects()
         seconds = time.perf_counter() - run.started
-        ids = set(request.boxes) | set(request.masks)
+        ids = set(request.boxes) | set(request.masks) | set(request.points)
         kept = len(set(self._objects) - ids) if request.mode == "boxes" else 0
         covered = ""
         if request.propagate:
@@ -1148,13 +1306,14 @@ class MASAMWidget(Container):
             preview.data[...] = data[0] if preview.data.ndim == 2 and data.ndim == 3 else data
             preview.refresh()
         extents = getattr(result, "extents", {}) or {}
-        for obj in set(request.boxes) | set(request.masks):
+        for obj in set(request.boxes) | set(request.masks) | set(request.points):
             name, color = self._object_style(obj)
             first, last = extents.get(obj, request.slice_ranges.get(obj, (0, -1)))
             signature = prompts_signature(
                 request.boxes.get(obj, {}),
                 self._keyframe_masks.get(obj),
                 request.slice_ranges.get(obj),
+                request.points.get(obj),
             )
             self._objects[obj] = ObjectRecord(
                 obj, name, color, signature, tuple(range(int(first), int(last) + 1))
@@ -1224,9 +1383,10 @@ class MASAMWidget(Container):
         run = self._run
         if run is None or run.request.mode != "boxes":
             return
-        for obj, per_slice in run.request.boxes.items():
+        for obj in run.request.object_ids:
+            per_slice = set(run.request.boxes.get(obj, {})) | set(run.request.points.get(obj, {}))
             old = self._objects.get(obj)
-            done = run.done_slices & set(per_slice)
+            done = run.done_slices & per_slice
             if old is None and not done:
                 continue  # never reached the preview
             name, color = self._object_style(obj)

@@ -64,6 +64,23 @@ _AUTOMATIC_BY_PRESET: dict[str, str] = {
 }
 
 
+#: Whether a registry model takes point prompts, known before loading it (its
+#: ``SegmentationModel.supports_points``; LiteMedSAM's "no" is measured, see
+#: ``benchmarks/points_realdata.py``). A checkpoint file: unknown until loaded (the engine checks).
+POINTS_BY_PRESET: dict[str, bool] = {
+    "litemedsam": False,
+    "masam-lite": False,
+    "masam_vit_b": True,
+    "masam_vit_l": True,
+    "masam_vit_h": True,
+}
+
+
+def points_support(model_choice: str) -> bool | None:
+    """True / False when the model choice is known to take point prompts or not, else None."""
+    return POINTS_BY_PRESET.get(model_choice)
+
+
 def automatic_support(model_choice: str) -> str:
     """``"none"``, ``"untrained"``, ``"checkpoint"`` or ``"unknown"`` for a model choice."""
     from .model.registry import MODEL_REGISTRY
@@ -198,6 +215,10 @@ class RunRequest:
         Inference backend asked for (one of :data:`napari_masam.model.runtime.BACKENDS`,
         lower-case); applied with :func:`napari_masam.model.runtime.with_backend` when the
         model is loaded.
+    points : mapping
+        Object id -> slice -> ``[(row, col, label), ...]`` clicks in the image's pixels (label
+        1 positive, 0 negative), only the objects to compute in this run; the engine's
+        ``points`` argument.
     """
 
     image: Any
@@ -216,11 +237,14 @@ class RunRequest:
     previous: Any = None
     changed: Mapping[int, tuple[int, ...]] = field(default_factory=dict)
     backend: str = "auto"
+    points: Mapping[int, Mapping[int, tuple[tuple[float, float, int], ...]]] = field(
+        default_factory=dict
+    )
 
     @property
     def object_ids(self) -> tuple[int, ...]:
         """Objects computed by this run (box mode), ascending."""
-        return tuple(sorted(int(k) for k in self.boxes))
+        return tuple(sorted({int(k) for k in self.boxes} | {int(k) for k in self.points}))
 
 
 def model_source(values: ControlValues) -> Any:
@@ -281,6 +305,7 @@ def request_from_controls(
     masks: Mapping[int, Mapping[int, Any]] | None = None,
     previous: Any = None,
     changed: Mapping[int, Sequence[int]] | None = None,
+    points: Mapping[int, Mapping[int, Sequence[Sequence[float]]]] | None = None,
 ) -> RunRequest:
     """Turn control values (and, in box mode, the prompts to compute) into a :class:`RunRequest`.
 
@@ -296,6 +321,8 @@ def request_from_controls(
     masks, previous, changed : optional
         Propagation keyframe masks and the correction loop's previous labels / changed
         keyframe slices (see :class:`RunRequest`).
+    points : mapping, optional
+        Object id -> slice -> ``[(row, col, label), ...]`` clicks (see :class:`RunRequest`).
 
     Raises
     ------
@@ -308,11 +335,17 @@ def request_from_controls(
     backend = check_backend(values.backend)
     source = model_source(values)
     boxes = {int(k): dict(v) for k, v in (boxes or {}).items()}
+    clicks = {
+        int(k): {
+            int(z): tuple((float(p[0]), float(p[1]), int(p[2])) for p in v) for z, v in f.items()
+        }
+        for k, f in (points or {}).items()
+    }
     n = info.n_slices
     propagate = values.mode == "boxes" and values.propagate and n > 1
     ranges: dict[int, tuple[int, int]] = {}
     if values.mode == "boxes":
-        if not boxes and not masks:
+        if not boxes and not masks and not clicks:
             raise ValueError("No boxes to segment: draw a rectangle around the object first.")
         if propagate:
             first = max(0, int(values.first_slice))
@@ -322,12 +355,15 @@ def request_from_controls(
                     f"Empty propagation range: slices {first}..{last}. Set 'from slice' at or "
                     "below 'to slice'."
                 )
-            ranges = {int(k): (first, last) for k in {*boxes, *(masks or {})}}
+            ranges = {int(k): (first, last) for k in {*boxes, *(masks or {}), *clicks}}
             slices = tuple(range(first, last + 1))
         else:
-            slices = tuple(sorted({int(z) for per_obj in boxes.values() for z in per_obj}))
+            slices = tuple(
+                sorted({int(z) for per_obj in (*boxes.values(), *clicks.values()) for z in per_obj})
+            )
     else:
         boxes = {}
+        clicks = {}
         slices = tuple(range(n))
     return RunRequest(
         image=image,
@@ -348,6 +384,7 @@ def request_from_controls(
         if propagate
         else {},
         backend=backend,
+        points=clicks,
     )
 
 
@@ -369,6 +406,7 @@ class Controls:
     mode: RadioButtons
     stride: SpinBox
     prompts_btn: PushButton
+    points_btn: PushButton
     object: SpinBox
     propagate: CheckBox
     first_slice: SpinBox
@@ -421,6 +459,7 @@ class Controls:
             self.mode,
             self.stride,
             self.prompts_btn,
+            self.points_btn,
             self.object,
             self.propagate,
             self.first_slice,
@@ -564,6 +603,14 @@ def _prompt_controls() -> tuple[Any, ...]:
         tooltip="Create (or select) the prompts Shapes layer of the chosen image, in rectangle "
         "mode. Draw a box around the object on a few slices; slices between are interpolated.",
     )
+    points_btn = PushButton(
+        text="Add point prompts",
+        tooltip="Create (or select) the chosen image's point prompts layer, in add mode: click "
+        "on the object (green: positive) or on what it must not include (red: negative; the "
+        "T key toggles what the next click adds). A click belongs to the object whose box "
+        "contains it on that slice. Only models that take points (MA-SAM); LiteMedSAM does not "
+        "(measured: clicks made its masks worse).",
+    )
     obj = SpinBox(
         label="object id",
         value=1,
@@ -608,6 +655,7 @@ def _prompt_controls() -> tuple[Any, ...]:
         mode,
         stride,
         prompts_btn,
+        points_btn,
         obj,
         propagate,
         first_slice,
@@ -703,6 +751,7 @@ def build_controls(image_choices: Any, target_choices: Any, export_choices: Any)
         mode,
         stride,
         prompts_btn,
+        points_btn,
         obj,
         propagate,
         first_slice,
@@ -728,6 +777,7 @@ def build_controls(image_choices: Any, target_choices: Any, export_choices: Any)
         mode=mode,
         stride=stride,
         prompts_btn=prompts_btn,
+        points_btn=points_btn,
         object=obj,
         propagate=propagate,
         first_slice=first_slice,

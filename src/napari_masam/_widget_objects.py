@@ -28,11 +28,18 @@ def prompts_signature(
     boxes_by_slice: Mapping[int, Sequence[float]],
     masks_by_slice: Mapping[int, np.ndarray] | None = None,
     slice_range: tuple[int, int] | None = None,
+    points_by_slice: Mapping[int, Sequence[Sequence[float]]] | None = None,
 ) -> Signature:
-    """The comparable form of one object's prompts (boxes rounded to 1e-3 pixel)."""
+    """The comparable form of one object's prompts (boxes and clicks rounded to 1e-3 pixel);
+    a slice whose clicks changed counts as a changed keyframe slice."""
     items: list[tuple[int, str, Any]] = [
         (int(z), "box", tuple(round(float(v), 3) for v in box)) for z, box in boxes_by_slice.items()
     ]
+    for z, clicks in (points_by_slice or {}).items():
+        packed = tuple(
+            sorted((round(float(y), 3), round(float(x), 3), int(k)) for y, x, k in clicks)
+        )
+        items.append((int(z), "points", packed))
     for z, mask in (masks_by_slice or {}).items():
         packed = np.packbits(np.asarray(mask, dtype=bool))
         items.append((int(z), "mask", hashlib.sha1(packed.tobytes()).hexdigest()))

@@ -174,12 +174,17 @@ class SegmentationModel(nn.Module):
 def points_refusal(model: SegmentationModel) -> str:
     """THE message for a model without :attr:`SegmentationModel.supports_points` (engine,
     widget and CLI show the same words, with the measured reason of its kind)."""
+    return points_refusal_text(model.kind, model.metadata.name)
+
+
+def points_refusal_text(kind: str, name: str) -> str:
+    """:func:`points_refusal` for a model known by its kind and name (before it is loaded)."""
     reason = POINTS_UNSUPPORTED_REASON.get(
-        model.kind, "its prompt encoder was not trained on point prompts"
+        kind, "its prompt encoder was not trained on point prompts"
     )
     return (
-        f"Point prompts are not supported by model {model.metadata.name!r}: {reason}. Draw a "
-        "box around the object instead (a Shapes layer), or choose an MA-SAM model."
+        f"Point prompts are not supported by model {name!r}: {reason}. Draw a box around the "
+        "object instead (a Shapes layer), or choose an MA-SAM model."
     )
 
 
