@@ -200,3 +200,25 @@ def test_a_model_without_points_refuses_before_any_work(tiny) -> None:
     # bad points are refused before any encode as well, with the check's words
     with pytest.raises(ValueError, match="outside the stack's 4 slices"):
         next(iter_segment_boxes(tiny, stack, {1: {0: (1, 1, 9, 9)}}, points={1: {9: [(2, 2, 1)]}}))
+
+
+# ---------------------------------------------------------------------------- widget's rule
+def test_a_click_goes_to_the_box_holding_it_nearest_centre_first() -> None:
+    from napari_masam._layers import assign_points_to_objects
+
+    boxes = {1: {2: (0, 0, 20, 20)}, 2: {2: (10, 10, 40, 40), 3: (0, 0, 5, 5)}}
+    clicks = [
+        (2, 5.0, 5.0, 1),  # only in box 1
+        (2, 15.0, 18.0, 0),  # in both: centre of 1 is (10, 10), of 2 (25, 25) -> object 1
+        (2, 19.0, 20.0, 1),  # in both: |(19,20)-(10,10)| = 13.5 > |(19,20)-(25,25)| = 7.8 -> 2
+        (2, 20.4, 50.0, 1),  # in no box
+        (3, 5.4, 5.4, 0),  # on box 2's inclusive edge pixel (x1 + 0.5 still inside)
+    ]
+    assigned, unassigned = assign_points_to_objects(clicks, boxes, default_object=None)
+    assert assigned == {
+        1: {2: [(5.0, 5.0, 1), (15.0, 18.0, 0)]},
+        2: {2: [(19.0, 20.0, 1)], 3: [(5.4, 5.4, 0)]},
+    }
+    assert unassigned == [(2, 20.4, 50.0)]
+    assigned, unassigned = assign_points_to_objects(clicks, boxes, default_object=7)
+    assert assigned[7] == {2: [(20.4, 50.0, 1)]} and not unassigned
