@@ -346,3 +346,70 @@ def test_default_config_on_the_phantom(data) -> None:
     result = run(iter_propagate(Threshold(), image, {1: {15: box_of(truth, 15)}}))
     np.testing.assert_array_equal(result.labels[FIRST + 1 : LAST], truth[FIRST + 1 : LAST])
     assert result.extents == {1: (FIRST + 1, LAST - 1)}
+
+
+# ---------------------------------------------------------------------------- clicks (issue 17.5)
+@pytest.fixture(scope="module")
+def clicking():
+    """A tiny random MA-SAM (supports_points) whose clicks change its masks; its mask logits
+    are scaled up so that no probability sits within float16 rounding of the threshold
+    (propagation stores probabilities as float16 crops)."""
+    from napari_masam.model import config as masam_config
+    from napari_masam.model import masam
+
+    torch.manual_seed(0)
+    config = dataclasses.replace(masam_config.MASAM_CONFIGS["tiny"], slices_per_group=3)
+    model = masam.build_masam(config, num_classes=1).eval()
+    with torch.no_grad():
+        for emb in model.prompt_encoder.point_embeddings:
+            emb.weight.normal_()
+        for mlp in model.mask_decoder.output_hypernetworks_mlps:
+            mlp.layers[-1].weight.mul_(1000)
+            mlp.layers[-1].bias.mul_(1000)
+    return model
+
+
+def test_clicks_make_a_keyframe_walked_from_like_its_mask(clicking) -> None:
+    """A slice with box + clicks is decoded with both (the same mask as box mode with those
+    clicks), and the walks start from that mask exactly as from a brush-fixed mask keyframe."""
+    size = clicking.image_size
+    rng = np.random.default_rng(3)
+    stack = rng.random((9, size, size)).astype(np.float32)
+    box, clicks = (6, 8, 50, 52), [(20, 30, 1), (40, 12, 0)]
+    config = cfg(min_area_fraction=0.0, max_growth=1e6)  # walk the whole stack
+    with_clicks = run(
+        iter_propagate(clicking, stack, {1: {4: box}}, points={1: {4: clicks}}, config=config)
+    )
+    plain = run(iter_propagate(clicking, stack, {1: {4: box}}, config=config))
+    boxed = run(
+        iter_segment_boxes(clicking, stack, {1: {4: box}}, points={1: {4: clicks}}, windows="tiled")
+    )
+    np.testing.assert_array_equal(with_clicks.labels[4], boxed.labels[4])
+    assert not np.array_equal(with_clicks.labels[4], plain.labels[4])  # the clicks matter
+    as_mask = run(
+        iter_propagate(clicking, stack, {}, masks={1: {4: boxed.labels[4] == 1}}, config=config)
+    )
+    np.testing.assert_array_equal(with_clicks.labels, as_mask.labels)
+    assert with_clicks.labels[[3, 5]].any()  # it walked
+
+
+def test_clicks_alone_make_a_keyframe_and_models_without_points_refuse(clicking, data) -> None:
+    size = clicking.image_size
+    stack = np.random.default_rng(4).random((5, size, size)).astype(np.float32)
+    only = run(
+        iter_propagate(
+            clicking, stack, {}, points={2: {1: [(30, 30, 1)]}}, slice_ranges={2: (1, 1)}
+        )
+    )
+    boxed = run(
+        iter_segment_boxes(clicking, stack, {}, points={2: {1: [(30, 30, 1)]}}, windows="tiled")
+    )
+    assert only.object_ids == (2,) and boxed.labels[1].any()
+    np.testing.assert_array_equal(only.labels, boxed.labels)
+    from napari_masam.model.base import points_refusal
+
+    image, truth = data
+    model = Threshold()
+    with pytest.raises(ValueError) as info:
+        run(propagate(model, image, {1: {15: box_of(truth, 15)}}, points={1: {15: [(30, 34, 1)]}}))
+    assert str(info.value) == points_refusal(model)

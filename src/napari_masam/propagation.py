@@ -322,6 +322,16 @@ def _keyframes(
     return {oid: dict(sorted(per.items())) for oid, per in sorted(out.items())}
 
 
+def _keyframe_box(kind: str, value: Any, threshold: float) -> tuple[int, int, int, int] | None:
+    """The box a keyframe stands for in interpolation: the user's box, else its mask's box."""
+    if kind == "box":
+        return value
+    if kind == "prompted":
+        prob, box = value
+        return box if box is not None else mask_box(prob > threshold)
+    return mask_box(value)
+
+
 def _object_range(
     oid: int, keys: Sequence[int], slice_ranges: Mapping[int, Sequence[int]] | None, depth: int
 ) -> tuple[int, int]:
@@ -427,6 +437,40 @@ def _decode(
     return np.stack([np.ascontiguousarray(eng.transform.inplane_from_model(p)) for p in fg])
 
 
+def _decode_prompted(
+    eng: _Engine, emb: _Embeddings, jobs: Sequence[tuple[int, int, Any, list]], keep: int
+) -> np.ndarray:
+    """Foreground probabilities (N, Y, X) of (object, slice, box or None, clicks) jobs."""
+    from .preprocess import probabilities_to_grid
+
+    rows = emb.rows([z for _, z, _, _ in jobs], keep)
+    boxes = [None if box is None else eng.box_to_model(box) for _, _, box, _ in jobs]
+    points = [eng.points_to_model(pts) for _, _, _, pts in jobs]
+    logits = eng.decode_prompts(rows, boxes, points)
+    fg = 1.0 - logits.float().softmax(dim=1)[:, :1]
+    fg = probabilities_to_grid(fg, eng.info)[:, 0].cpu().numpy()
+    return np.stack([np.ascontiguousarray(eng.transform.inplane_from_model(p)) for p in fg])
+
+
+def _checked_points(
+    model: SegmentationModel,
+    points: Mapping[int, Mapping[int, Sequence[Sequence[float]]]] | None,
+    stack_shape: tuple[int, int, int],
+) -> dict[int, dict[int, list]]:
+    """The validated clicks (object -> slice -> [(y, x, label)]); ValueError for a model
+    without point prompts (:func:`napari_masam.model.base.points_refusal`) or bad points
+    (:func:`napari_masam.prompts.check_points_in_stack`)."""
+    if not points:
+        return {}
+    from .model.base import points_refusal
+    from .prompts import check_points_in_stack
+
+    clicks = check_points_in_stack(points, stack_shape)
+    if clicks and not getattr(model, "supports_points", False):
+        raise ValueError(points_refusal(model))
+    return {oid: dict(frames) for oid, frames in clicks.items() if frames}
+
+
 # ----------------------------------------------------------------------------------------------
 # One run
 # ----------------------------------------------------------------------------------------------
@@ -490,6 +534,7 @@ class _PropagationRun:
         config: PropagationConfig | None,
         threshold: float,
         num_threads: int | None,
+        points: Mapping[int, Mapping[int, Sequence[Sequence[float]]]] | None = None,
         **engine_options: Any,
     ) -> _PropagationRun:
         """Check the arguments, start the engine and read the keyframes (ValueError as
@@ -504,13 +549,46 @@ class _PropagationRun:
             "propagate", model, stack, num_threads, same_slice_axis=True, **engine_options
         )
         keyframes = _keyframes(boxes, masks, eng.stack_shape)
+        clicks = _checked_points(model, points, eng.stack_shape)
         run = cls(
             eng, keyframes, config, _checked_previous(previous, eng.stack_shape), threshold, t_start
         )
         run.changed_sets = (
             None if changed is None else {int(o): {int(z) for z in zs} for o, zs in changed.items()}
         )
+        run.resolve_points(clicks, num_threads)
         return run
+
+    def resolve_points(
+        self, clicks: Mapping[int, Mapping[int, list]], num_threads: int | None
+    ) -> None:
+        """Decode every keyframe slice that carries clicks (with its box, if any) and make it a
+        ``("prompted", (probability, box or None))`` keyframe; a mask keyframe on the same slice
+        wins (the user's pixels are final). Slices of an object whose clicks are its only
+        prompt there become keyframes."""
+        from .inference import _torch_threads
+
+        jobs: list[tuple[int, int, Any, list]] = []
+        for oid, frames in clicks.items():
+            for z, pts in frames.items():
+                kind, value = self.keyframes.get(oid, {}).get(z, ("box", None))
+                if kind == "mask":
+                    continue
+                jobs.append((oid, z, value, pts))
+        if not jobs:
+            return
+        eng = self.eng
+        n = max(1, eng.batch_size)
+        with _torch_threads(num_threads), eng.compute():
+            for b in range(0, len(jobs), n):
+                chunk = jobs[b : b + n]
+                probs = _decode_prompted(eng, self.emb, chunk, self.keep_tiles)
+                eng.timings["decoded"] = eng.timings.get("decoded", 0) + len(chunk)
+                for (oid, z, box, _), prob in zip(chunk, probs, strict=True):
+                    self.keyframes.setdefault(oid, {})[z] = ("prompted", (prob, box))
+        self.keyframes = {
+            oid: dict(sorted(per.items())) for oid, per in sorted(self.keyframes.items())
+        }
 
     # -- plan -----------------------------------------------------------------------------------
     def _expect(self, oid: int, z: int, written: bool) -> None:
@@ -521,7 +599,7 @@ class _PropagationRun:
 
     def _plan_gaps(self, oid: int, per: Mapping[int, Any], gaps: Sequence[int]) -> None:
         """Interpolated-box jobs for the gap slices of one object (``interpolate`` mode)."""
-        key_boxes = {z: (v if kind == "box" else mask_box(v)) for z, (kind, v) in per.items()}
+        key_boxes = {z: _keyframe_box(kind, v, self.thr) for z, (kind, v) in per.items()}
         interpolated = interpolate_keyframes({z: b for z, b in key_boxes.items() if b is not None})
         for z in gaps:
             if z in interpolated:
@@ -571,7 +649,7 @@ class _PropagationRun:
             self.target = self.eng.labels_target(out, keep_labels, self.dtype)
         self.total = len(self.states)
         self.keep_tiles = 2 * max(1, len(self.walks)) + 2
-        self.eng.timings["decoded"] = 0
+        self.eng.timings.setdefault("decoded", 0)  # keyframes decoded with clicks count
 
     # -- contributions --------------------------------------------------------------------------
     def contribute(self, oid: int, z: int, weight: float, crop: Any) -> None:
@@ -618,7 +696,12 @@ class _PropagationRun:
             self.contribute(oid, z, 1.0, None)
         for oid, z in self.seeds:
             kind, value = keyframes[oid][z]
-            prob = value.astype(np.float32) if kind == "mask" else seed_masks[(oid, z)]
+            if kind == "mask":
+                prob = value.astype(np.float32)
+            elif kind == "prompted":
+                prob = value[0]
+            else:
+                prob = seed_masks[(oid, z)]
             seed_masks[(oid, z)] = prob
             if z in self.rewrite[oid]:
                 self.contribute(oid, z, 1.0, _Crop.of(prob))
@@ -637,7 +720,8 @@ class _PropagationRun:
         walk.centroid = _centroid(m)
         walk.mask = m if config.min_overlap > 0 else None
         kind, value = self.keyframes[walk.oid][walk.origin]
-        walk.box = config.next_box(m, value if kind == "box" else None)
+        user_box = value if kind == "box" else value[1] if kind == "prompted" else None
+        walk.box = config.next_box(m, user_box)
         if walk.box is None:
             self.end_walk(walk, None)
 
@@ -796,6 +880,7 @@ def iter_propagate(
     boxes: Mapping[int, Mapping[int, Sequence[float]]],
     *,
     masks: Mapping[int, Mapping[int, np.ndarray]] | None = None,
+    points: Mapping[int, Mapping[int, Sequence[Sequence[float]]]] | None = None,
     slice_ranges: Mapping[int, Sequence[int]] | None = None,
     config: PropagationConfig | None = None,
     previous: np.ndarray | None = None,
@@ -827,7 +912,12 @@ def iter_propagate(
         box per object is enough. Cut to the slice; outside the stack: ValueError.
     masks : mapping object id -> mapping slice -> (Y, X) bool, or None
         Keyframe masks (slices fixed by the user); kept as they are and walked from like a box
-        keyframe. A mask wins over a box on the same slice.
+        keyframe. A mask wins over a box (and clicks) on the same slice.
+    points : mapping object id -> mapping slice -> sequence of (y, x, label), or None
+        Click prompts in stack pixels (row, col; label 1 positive, 0 negative), for models with
+        ``supports_points`` (:func:`napari_masam.prompts.check_points_in_stack`). A slice with
+        clicks is a keyframe of its object, decoded with its box (if any) and the clicks; the
+        walks from it derive boxes from its mask as from any keyframe.
     slice_ranges : mapping object id -> (first, last), or None
         Inclusive slices an object may occupy (default: the whole stack): no walk leaves it.
     config : PropagationConfig or None
@@ -864,7 +954,8 @@ def iter_propagate(
     Raises
     ------
     ValueError
-        For a model without box prompts, prompts outside the stack or a keyframe outside the
+        For a model without box prompts, points for a model without point prompts (the
+        measured reason), prompts outside the stack or a keyframe outside the
         object's range, ``previous`` with another shape, ``changed`` without ``previous``, or a
         slice-reordering orientation.
     """
@@ -878,6 +969,7 @@ def iter_propagate(
         config,
         threshold,
         num_threads,
+        points=points,
         preset=preset,
         device=device,
         cache=cache,
