@@ -121,6 +121,11 @@ class PropagationConfig:
         ``"interpolate"`` (each slice prompted with the linear interpolation of the two
         keyframe boxes, a mask keyframe counting as its bounding box; walks only go outwards
         from the outermost keyframes).
+    box_threshold : float or None
+        The next box is grown from the pixels whose probability exceeds this (None: the mask
+        itself, i.e. the run's ``threshold``). A value below the mask threshold counters a
+        model that under-segments inside its box (the box would otherwise shrink slice after
+        slice); the walk's mask, its stop checks and the labels keep the run's threshold.
     """
 
     margin_px: float = 2.0
@@ -132,6 +137,7 @@ class PropagationConfig:
     follow_motion: bool = False
     min_overlap: float = 0.6
     between_keyframes: str = "interpolate"
+    box_threshold: float | None = None
 
     def __post_init__(self) -> None:
         if self.margin_px < 0 or self.margin_fraction < 0:
@@ -150,6 +156,8 @@ class PropagationConfig:
             )
         if not 0 <= self.min_overlap < 1:
             raise ValueError(f"min_overlap must be in [0, 1), got {self.min_overlap}.")
+        if self.box_threshold is not None and not 0 < self.box_threshold < 1:
+            raise ValueError(f"box_threshold must be in (0, 1) or None, got {self.box_threshold}.")
         if self.max_shrink_px is not None and self.max_shrink_px < 0:
             raise ValueError(f"max_shrink_px must be >= 0 or None, got {self.max_shrink_px}.")
 
@@ -706,11 +714,17 @@ class _PropagationRun:
             if z in self.rewrite[oid]:
                 self.contribute(oid, z, 1.0, _Crop.of(prob))
         for walk in self.walks:
-            self._start_walk(walk, seed_masks[(walk.oid, walk.origin)] > self.thr)
+            self._start_walk(walk, seed_masks[(walk.oid, walk.origin)])
 
-    def _start_walk(self, walk: _Walk, m: np.ndarray) -> None:
-        """Reference area, centroid and first box of a walk from its keyframe mask ``m``."""
+    def _box_mask(self, prob: np.ndarray, m: np.ndarray) -> np.ndarray:
+        """The pixels the next box is grown from (``box_threshold``; default the mask)."""
+        bt = self.config.box_threshold
+        return m if bt is None or bt == self.thr else prob > bt
+
+    def _start_walk(self, walk: _Walk, prob: np.ndarray) -> None:
+        """Reference area, centroid and first box of a walk from its keyframe's probability."""
         config = self.config
+        m = prob > self.thr
         area = int(m.sum())
         box = mask_box(m)
         if box is None or area < config.min_area_px:
@@ -721,7 +735,7 @@ class _PropagationRun:
         walk.mask = m if config.min_overlap > 0 else None
         kind, value = self.keyframes[walk.oid][walk.origin]
         user_box = value if kind == "box" else value[1] if kind == "prompted" else None
-        walk.box = config.next_box(m, user_box)
+        walk.box = config.next_box(self._box_mask(prob, m), user_box)
         if walk.box is None:
             self.end_walk(walk, None)
 
@@ -781,7 +795,7 @@ class _PropagationRun:
         if walk.mask is not None:
             walk.mask = m
         walk.pos += walk.step
-        walk.box = self.config.next_box(m, walk.box, shift)
+        walk.box = self.config.next_box(self._box_mask(prob, m), walk.box, shift)
         if (walk.pos - walk.limit) * walk.step > 0:
             walk.active = False
         elif walk.box is None:  # the object is predicted to leave the image
