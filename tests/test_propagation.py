@@ -413,3 +413,49 @@ def test_clicks_alone_make_a_keyframe_and_models_without_points_refuse(clicking,
     with pytest.raises(ValueError) as info:
         run(propagate(model, image, {1: {15: box_of(truth, 15)}}, points={1: {15: [(30, 34, 1)]}}))
     assert str(info.value) == points_refusal(model)
+
+
+class EdgeShy(Threshold):
+    """Under-segments like LiteMedSAM on small structures: object pixels within 3 px of the
+    box's edge get probability 0.3 (below the mask threshold), the others 1."""
+
+    def decode(self, embeddings, boxes_xyxy=None):
+        idx = torch.arange(self.image_size, dtype=torch.float32)
+        b = boxes_xyxy.float()
+        inx = (idx >= b[:, 0:1] - 0.5) & (idx < b[:, 2:3] + 0.5)
+        iny = (idx >= b[:, 1:2] - 0.5) & (idx < b[:, 3:4] + 0.5)
+        deep_x = (idx >= b[:, 0:1] + 2.5) & (idx < b[:, 2:3] - 2.5)
+        deep_y = (idx >= b[:, 1:2] + 2.5) & (idx < b[:, 3:4] - 2.5)
+        obj = embeddings[:, 0] > 0.5
+        inside = (iny[:, :, None] & inx[:, None, :]) & obj
+        deep = (deep_y[:, :, None] & deep_x[:, None, :]) & obj
+        p = torch.where(deep, 1.0, torch.where(inside, 0.3, 0.0)).clamp(1e-6, 1 - 1e-6)
+        x = torch.log(p / (1 - p))
+        return torch.stack([torch.zeros_like(x), x], dim=1)
+
+
+def test_box_threshold_keeps_an_under_segmenting_walk_on_the_object() -> None:
+    """Grown from the mask alone, each box loses 1 px per side per slice (3 px shy edge - 2 px
+    margin) and the walk dies; grown from the pixels above ``box_threshold`` it stays the object's
+    box + margin on every slice of a constant cross-section."""
+    rows, cols = np.mgrid[:S, :S]
+    image = np.zeros((DEPTH, S, S), np.float32)
+    image[:, 2:6, 2:6] = 0.2
+    disc = (rows - 30) ** 2 + (cols - 34) ** 2 <= 12**2
+    image[FIRST : LAST + 1][:, disc] = 1.0
+    box = mask_box(disc)
+    plain = run(propagate(EdgeShy(), image, {1: {15: box}}, config=cfg(min_area_fraction=0.3)))
+    fixed = run(
+        propagate(
+            EdgeShy(), image, {1: {15: box}}, config=cfg(min_area_fraction=0.3, box_threshold=0.2)
+        )
+    )
+    assert fixed.extents[1] == (FIRST, LAST)
+    first, last = plain.extents[1]
+    assert first > FIRST + 3 and last < LAST - 3  # the plain walk collapsed
+    # every walked slice got the same box (the disc's + 2 px margin): the box never drifted
+    for z in [*range(FIRST, 15), *range(17, LAST + 1)]:
+        np.testing.assert_array_equal(fixed.labels[z], fixed.labels[16])
+    assert fixed.labels[16].sum() > plain.labels[16].sum()
+    with pytest.raises(ValueError, match="box_threshold"):
+        PropagationConfig(box_threshold=1.5)
