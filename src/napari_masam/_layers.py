@@ -12,6 +12,7 @@ Shapes layer, which makes the rectangles' data coordinates equal the image's pix
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -241,6 +242,19 @@ def volume_table(
         name = class_names[value - 1] if 0 < value <= len(class_names) else f"label {value}"
         rows.append(VolumeRow(int(value), str(name), int(counts[value]), counts[value] * voxel_ml))
     return rows
+
+
+def import_labels_dependencies() -> None:
+    """Import what napari imports lazily when the first Labels layer of a session is made.
+
+    napari's Labels layer imports pandas (its features table) and scikit-image's colour module
+    (its label colormap) on first use: 376 modules, 0.2-0.5 s on the GUI thread, measured at the
+    first Run's preview creation (benchmarks/gui_freeze.py). The segmentation widget calls this
+    when it opens, so the first Run does not pay it.
+    """
+    with contextlib.suppress(ImportError):  # napari's own dependencies; it imports them anyway
+        import pandas  # noqa: F401
+        from skimage.color import colorconv  # noqa: F401
 
 
 def new_labels_layer(

@@ -26,6 +26,12 @@ from napari.qt.threading import GeneratorWorker, create_worker
 
 logger = logging.getLogger(__name__)
 
+#: Least seconds between two repaints of napari's activity progress bar of a run (the last step
+#: is painted at once). Each repaint composites the window on the GUI thread (16-80 ms with
+#: software OpenGL), and a backlog of yields was drained one repaint each
+#: (benchmarks/gui_freeze.py).
+PBAR_REPAINT_S = 0.25
+
 
 def guard_gl_llvm_clash() -> bool:
     """Keep ``triton`` from loading into a process where Mesa's LLVM is already mapped.
@@ -207,7 +213,8 @@ def start_worker(
         # napari counts yields; the engine reports (done, total) itself, which we prefer.
         with contextlib.suppress(TypeError, RuntimeError):  # not connected: nothing to undo
             worker.yielded.disconnect(pbar.increment_with_overflow)
-        worker.yielded.connect(lambda p: _update_pbar(pbar, p))
+        shown = [float("-inf")]  # perf_counter of the last repaint of this run's bar
+        worker.yielded.connect(lambda p: _update_pbar(pbar, p, shown))
     worker.start()
     return worker
 
@@ -216,13 +223,21 @@ def start_worker(
 start_engine_worker = start_worker
 
 
-def _update_pbar(pbar: Any, progress: Any) -> None:
+def _update_pbar(pbar: Any, progress: Any, shown: list[float] | None = None) -> None:
+    """Move napari's bar to the progress's ``done``/``total``; with ``shown`` (a one-item list
+    holding the time of the last repaint) at most every :data:`PBAR_REPAINT_S`, the end at once."""
     if isinstance(progress, int):
         done, total = progress, 0
     else:
         done = int(getattr(progress, "done", 0) or 0)
         total = int(getattr(progress, "total", 0) or 0)
+    now = time.perf_counter()
+    last = total > 0 and done >= total
+    if shown is not None and not last and now - shown[0] < PBAR_REPAINT_S:
+        return
     if total and total != pbar.total:
         pbar.total = total
     if done > pbar.n:
         pbar.update(done - pbar.n)
+        if shown is not None:
+            shown[0] = now
