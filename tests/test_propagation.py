@@ -459,3 +459,41 @@ def test_box_threshold_keeps_an_under_segmenting_walk_on_the_object() -> None:
     assert fixed.labels[16].sum() > plain.labels[16].sum()
     with pytest.raises(ValueError, match="box_threshold"):
         PropagationConfig(box_threshold=1.5)
+
+
+class Scored(Threshold):
+    """Threshold + an IoU estimate: the share of the slice's bright pixels inside the box (1
+    when the box holds the whole object, less when it cuts it)."""
+
+    predicts_iou = True
+
+    def decode_scored(self, embeddings, boxes_xyxy):
+        logits = self.decode(embeddings, boxes_xyxy)
+        inside = (logits[:, 1] > 0).flatten(1).sum(1).float()
+        total = (embeddings[:, 0] > 0.5).flatten(1).sum(1).float().clamp(min=1)
+        return logits, inside / total
+
+
+def test_between_keyframes_select_keeps_the_better_box(data) -> None:
+    """With three keyframes on the non-linear phantom the interpolated boxes cut the object
+    (it grows fast, then plateaus); "select" walks from both keyframes and keeps, per slice,
+    the mask the model scores higher: here the whole object on every slice. A model without
+    an IoU head falls back to interpolation exactly."""
+    image, truth = data
+    mid = (FIRST + LAST) // 2
+    keys = {z: box_of(truth, z) for z in (FIRST, mid, LAST)}
+    select = cfg(between_keyframes="select", margin_px=4)
+    only = {1: (FIRST, LAST)}  # no outer walks: only keyframes and gaps are decoded
+    got = run(propagate(Scored(), image, {1: keys}, config=select, slice_ranges=only))
+    interp = run(
+        propagate(
+            Scored(), image, {1: keys}, config=cfg(between_keyframes="interpolate", margin_px=4)
+        )
+    )
+    np.testing.assert_array_equal(got.labels > 0, truth > 0)
+    assert (interp.labels > 0).sum() < (truth > 0).sum()  # interpolation really cuts it
+    plain = run(propagate(Threshold(), image, {1: keys}, config=select))
+    np.testing.assert_array_equal(plain.labels, interp.labels)
+    # the gap walks meet in the middle: each gap slice was decoded once or twice, never more
+    gap_slices = (mid - FIRST - 1) + (LAST - mid - 1)
+    assert gap_slices <= got.timings["decoded"] - 3 <= 2 * gap_slices

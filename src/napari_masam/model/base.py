@@ -106,6 +106,9 @@ class SegmentationModel(nn.Module):
     supports_boxes: bool
     #: class default; models whose prompt encoder was trained on points set True
     supports_points: bool = False
+    #: class default; models whose IoU head was trained (it predicts the IoU of each mask with
+    #: the truth) set True, and :meth:`decode_scored` then returns those predictions
+    predicts_iou: bool = False
     metadata: ModelMetadata
 
     def get_config(self) -> dict:
@@ -157,6 +160,28 @@ class SegmentationModel(nn.Module):
             channels gives class probabilities.
         """
         raise NotImplementedError
+
+    def decode_scored(
+        self, embeddings: torch.Tensor, boxes_xyxy: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Box-prompted logits and the model's own quality estimate of each mask.
+
+        Parameters
+        ----------
+        embeddings : Tensor
+            (N, E, g, g) from :meth:`encode`.
+        boxes_xyxy : Tensor
+            (N, 4) XYXY boxes as in :meth:`decode`.
+
+        Returns
+        -------
+        logits : Tensor
+            (N, C + 1, h, w), equal to ``decode(embeddings, boxes_xyxy)``.
+        scores : Tensor or None
+            (N,) float32 predicted IoU of each row's foreground mask with the truth (SAM's IoU
+            head), where :attr:`predicts_iou`; None otherwise (the default here).
+        """
+        return self.decode(embeddings, boxes_xyxy), None
 
     def refuse_points(self, points: PointPrompts | None) -> None:
         """ValueError when ``points`` is given to a model without :attr:`supports_points`."""

@@ -237,6 +237,8 @@ class LiteMedSAM(SegmentationModel):
     """
 
     kind = "litemedsam"
+    #: the IoU head was trained with LiteMedSAM (see :meth:`decode_scored`)
+    predicts_iou = True
 
     def __init__(
         self,
@@ -400,6 +402,15 @@ class LiteMedSAM(SegmentationModel):
         points: PointPrompts | None,
     ) -> torch.Tensor:
         """SAM's prompt encoder (public forward) + the first mask token, one row per prompt."""
+        return self._decode_rows_scored(embeddings, boxes, points)[0]
+
+    def _decode_rows_scored(
+        self,
+        embeddings: torch.Tensor,
+        boxes: torch.Tensor | None,
+        points: PointPrompts | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`_decode_rows` and the IoU head's prediction (N,) for that first mask."""
         n = embeddings.shape[0]
         sparse, dense = self.prompt_encoder(points=points, boxes=boxes, masks=None)
         decoder = self.mask_decoder
@@ -410,7 +421,28 @@ class LiteMedSAM(SegmentationModel):
         )
         # Single-mask output: SAM's first mask token (what LiteMedSAM was trained with).
         hyper = decoder.output_hypernetworks_mlps[0](hs[:, 1, :]).unsqueeze(1)  # N x 1 x 32
-        return _weigh_maps(hyper, upscaled)
+        iou = decoder.iou_prediction_head(hs[:, 0, :])[:, 0]  # the first mask's IoU
+        return _weigh_maps(hyper, upscaled), iou
+
+    def decode_scored(
+        self, embeddings: torch.Tensor, boxes_xyxy: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Box logits (N, 2, 256, 256) as :meth:`decode` and, where :attr:`predicts_iou`, the
+        IoU head's prediction (N,) for each mask (LiteMedSAM's head was trained with an IoU
+        loss next to its mask losses, MedSAM's LiteMedSAM recipe; measured useful for choosing
+        between candidate boxes in ``benchmarks/propagation_realdata.py``)."""
+        if not self.predicts_iou:
+            return super().decode_scored(embeddings, boxes_xyxy)
+        self._check_embeddings(embeddings)
+        n = embeddings.shape[0]
+        if boxes_xyxy.ndim != 2 or boxes_xyxy.shape != (n, 4):
+            raise ValueError(
+                f"Expected one XYXY box per embedding row, shape ({n}, 4); got "
+                f"{tuple(boxes_xyxy.shape)}."
+            )
+        boxes = boxes_xyxy.to(device=embeddings.device, dtype=torch.float32)
+        x, iou = self._decode_rows_scored(embeddings, boxes, None)
+        return torch.cat([torch.zeros_like(x), x], dim=1), iou.float()
 
     def decode(
         self,

@@ -160,6 +160,9 @@ class MASAMLite(LiteMedSAM):
     """
 
     kind = "masam-lite"
+    #: fine-tuning changes the mask decoder but never trains the IoU head, so its predictions
+    #: no longer describe the masks (decode_scored gives no scores)
+    predicts_iou = False
 
     def __init__(
         self,

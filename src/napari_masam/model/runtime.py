@@ -533,6 +533,7 @@ class RuntimeLiteMedSAM(SegmentationModel):
         self.supports_automatic = reference.supports_automatic
         self.supports_boxes = reference.supports_boxes
         self.supports_points = reference.supports_points
+        self.predicts_iou = reference.predicts_iou
         self.metadata = reference.metadata
         #: Windows per encoder call the engine should use on this backend.
         self.preferred_batch_size = CPU_BATCH_SIZE
@@ -599,6 +600,15 @@ class RuntimeLiteMedSAM(SegmentationModel):
             return self.reference.decode(embeddings, None)  # raises the reference's message
         x = self.box_logits(embeddings, boxes_xyxy)
         return torch.cat([torch.zeros_like(x), x], dim=1)
+
+    def decode_scored(
+        self, embeddings: torch.Tensor, boxes_xyxy: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits and predicted IoU: the exported decoder has no IoU output, so a scored decode
+        runs the torch :attr:`reference` decoder (cheap; the embeddings are the runtime's)."""
+        if not self.predicts_iou:
+            return super().decode_scored(embeddings, boxes_xyxy)
+        return self.reference.decode_scored(embeddings.to(torch.float32), boxes_xyxy)
 
 
 def _runtime_candidates(requested: str) -> list[str]:
