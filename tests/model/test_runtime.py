@@ -83,6 +83,14 @@ def test_tiny_runtime_matches_torch(shared_exports, name):
     assert torch.equal(out[:, 0], torch.zeros_like(out[:, 0]))
     assert float((emb - ref_emb).abs().max()) < 1e-3
     assert float((out - ref).abs().max()) < 1e-3
+    # the exported decoder has no IoU output: scores come from the torch reference's head
+    assert fast.predicts_iou
+    out_s, scores = fast.decode_scored(emb, boxes)
+    with torch.no_grad():
+        ref_s, ref_scores = model.decode_scored(emb, boxes)
+    assert scores is not None and scores.shape == (3,)
+    torch.testing.assert_close(scores, ref_scores)
+    torch.testing.assert_close(out_s, ref_s)
     # the manifest records the measured difference and the files' digests
     manifest = json.loads((fast.folder / "manifest.json").read_text())
     assert manifest["max_abs_logit_diff"] == pytest.approx(info.max_abs_logit_diff)
