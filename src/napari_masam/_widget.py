@@ -176,7 +176,8 @@ class MASAMWidget(Container):
 
         from qtpy.QtCore import QTimer
 
-        self._progress_timer = QTimer()  # shows coalesced progress numbers (see _show_progress)
+        # shows coalesced progress numbers (see _show_progress); dies with the panel
+        self._progress_timer = QTimer(self.native)
         self._progress_timer.setSingleShot(True)
         self._progress_timer.timeout.connect(self._show_progress)
 
