@@ -98,6 +98,8 @@ def parse_config(text: str):
         field_type = {f.name: f.type for f in dataclasses.fields(PropagationConfig)}[key]
         if field_type == "str":
             kwargs[key] = value
+        elif field_type.startswith("tuple"):  # e.g. candidate_thresholds=0.1/0.25
+            kwargs[key] = tuple(float(v) for v in value.split("/") if v)
         elif field_type == "bool":
             kwargs[key] = value.lower() in ("1", "true", "yes")
         else:

@@ -497,3 +497,35 @@ def test_between_keyframes_select_keeps_the_better_box(data) -> None:
     # the gap walks meet in the middle: each gap slice was decoded once or twice, never more
     gap_slices = (mid - FIRST - 1) + (LAST - mid - 1)
     assert gap_slices <= got.timings["decoded"] - 3 <= 2 * gap_slices
+
+
+class ScoredEdgeShy(EdgeShy):
+    """EdgeShy + an IoU estimate: the share of the slice's object pixels its box holds."""
+
+    predicts_iou = True
+
+    def decode_scored(self, embeddings, boxes_xyxy):
+        logits = self.decode(embeddings, boxes_xyxy)
+        held = (logits[:, 1] > -5).flatten(1).sum(1).float()  # probability 0.3 and 1 alike
+        total = (embeddings[:, 0] > 0.5).flatten(1).sum(1).float().clamp(min=1)
+        return logits, held / total
+
+
+def test_candidate_thresholds_keep_the_best_scored_box() -> None:
+    """Each outward step also tries the box grown from the pixels above 0.2 and keeps the
+    better-scored mask: the walk no longer collapses; a model without scores ignores it."""
+    rows, cols = np.mgrid[:S, :S]
+    image = np.zeros((DEPTH, S, S), np.float32)
+    image[:, 2:6, 2:6] = 0.2
+    disc = (rows - 30) ** 2 + (cols - 34) ** 2 <= 12**2
+    image[FIRST : LAST + 1][:, disc] = 1.0
+    box = mask_box(disc)
+    config = cfg(min_area_fraction=0.3, candidate_thresholds=(0.2,))
+    got = run(propagate(ScoredEdgeShy(), image, {1: {15: box}}, config=config))
+    assert got.extents[1] == (FIRST, LAST)
+    unscored = run(propagate(EdgeShy(), image, {1: {15: box}}, config=config))
+    plain = run(propagate(EdgeShy(), image, {1: {15: box}}, config=cfg(min_area_fraction=0.3)))
+    np.testing.assert_array_equal(unscored.labels, plain.labels)
+    assert plain.extents[1][0] > FIRST + 3
+    with pytest.raises(ValueError, match="candidate_thresholds"):
+        PropagationConfig(candidate_thresholds=(0.0,))

@@ -126,6 +126,10 @@ class PropagationConfig:
         itself, i.e. the run's ``threshold``). A value below the mask threshold counters a
         model that under-segments inside its box (the box would otherwise shrink slice after
         slice); the walk's mask, its stop checks and the labels keep the run's threshold.
+    candidate_thresholds : tuple of float
+        With a model that scores its masks (``predicts_iou``), each step of an outward walk
+        also decodes the boxes grown from the pixels above each of these probabilities and
+        keeps the mask with the highest predicted IoU (empty: one box per step).
     """
 
     margin_px: float = 2.0
@@ -138,6 +142,7 @@ class PropagationConfig:
     min_overlap: float = 0.6
     between_keyframes: str = "interpolate"
     box_threshold: float | None = None
+    candidate_thresholds: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         if self.margin_px < 0 or self.margin_fraction < 0:
@@ -157,6 +162,10 @@ class PropagationConfig:
             )
         if not 0 <= self.min_overlap < 1:
             raise ValueError(f"min_overlap must be in [0, 1), got {self.min_overlap}.")
+        if any(not 0 < t < 1 for t in self.candidate_thresholds):
+            raise ValueError(
+                f"candidate_thresholds must lie in (0, 1), got {self.candidate_thresholds}."
+            )
         if self.box_threshold is not None and not 0 < self.box_threshold < 1:
             raise ValueError(f"box_threshold must be in (0, 1) or None, got {self.box_threshold}.")
         if self.max_shrink_px is not None and self.max_shrink_px < 0:
@@ -251,6 +260,7 @@ class _Walk:
     mask: np.ndarray | None = None  # previous slice's mask (min_overlap only)
     active: bool = True
     select: bool = False  # gap walk of "select": best of its box and the interpolated box
+    alternatives: list[Any] = field(default_factory=list)  # candidate_thresholds boxes
 
     def weight(self, z: int) -> float:
         if self.gap is None:
@@ -650,7 +660,7 @@ class _PropagationRun:
         """``between_keyframes``; "select" needs a model that predicts its masks' IoU, else
         it is "interpolate"."""
         mode = self.config.between_keyframes
-        if mode == "select" and not getattr(self.eng.model, "predicts_iou", False):
+        if mode == "select" and not self.scores_masks:
             return "interpolate"
         return mode
 
@@ -759,6 +769,28 @@ class _PropagationRun:
         for walk in self.walks:
             self._start_walk(walk, seed_masks[(walk.oid, walk.origin)])
 
+    @property
+    def scores_masks(self) -> bool:
+        """Whether the model scores its masks (:attr:`SegmentationModel.predicts_iou`)."""
+        return bool(getattr(self.eng.model, "predicts_iou", False))
+
+    def _alternatives(
+        self,
+        prob: np.ndarray,
+        box: Any,
+        previous_box: Any,
+        shift: tuple[float, float],
+    ) -> list[Any]:
+        """The ``candidate_thresholds`` boxes of the next step (distinct, other than ``box``)."""
+        if box is None or not self.scores_masks:
+            return []
+        out: list[Any] = []
+        for t in self.config.candidate_thresholds:
+            alt = self.config.next_box(prob > t, previous_box, shift)
+            if alt is not None and alt != box and alt not in out:
+                out.append(alt)
+        return out
+
     def _box_mask(self, prob: np.ndarray, m: np.ndarray) -> np.ndarray:
         """The pixels the next box is grown from (``box_threshold``; default the mask)."""
         bt = self.config.box_threshold
@@ -782,6 +814,8 @@ class _PropagationRun:
         kind, value = self.keyframes[walk.oid][walk.origin]
         user_box = value if kind == "box" else value[1] if kind == "prompted" else None
         walk.box = config.next_box(self._box_mask(prob, m), user_box)
+        if not walk.select:
+            walk.alternatives = self._alternatives(prob, walk.box, user_box, (0.0, 0.0))
         if walk.box is None and not walk.select:
             self.end_walk(walk, None)
 
@@ -803,7 +837,10 @@ class _PropagationRun:
             if guess is not None and guess != w.box:
                 jobs.append((w.pos, guess))
                 owner.append(i)
-        scored = any(w.select for w in active)
+            for alt in w.alternatives if self.scores_masks else ():
+                jobs.append((w.pos, alt))
+                owner.append(i)
+        scored = any(w.select or w.alternatives for w in active) and self.scores_masks
         with _torch_threads(num_threads), self.eng.compute():
             probs, scores = (
                 self._decode(jobs, scored=True) if scored else (self._decode(jobs), None)
@@ -814,11 +851,11 @@ class _PropagationRun:
             if not mine:  # a select walk with neither a mask box nor an interpolated box
                 self.end_walk(walk, None)
                 continue
+            best = mine[0] if scores is None else max(mine, key=lambda j: scores[j])
             if walk.select:
-                best = mine[0] if scores is None else max(mine, key=lambda j: scores[j])
                 self._advance_select(walk, probs[best])
             else:
-                self._advance(walk, probs[mine[0]])
+                self._advance(walk, probs[best])
         return True
 
     def _advance_select(self, walk: _Walk, prob: np.ndarray) -> None:
@@ -877,7 +914,9 @@ class _PropagationRun:
         if walk.mask is not None:
             walk.mask = m
         walk.pos += walk.step
-        walk.box = self.config.next_box(self._box_mask(prob, m), walk.box, shift)
+        previous_box = walk.box
+        walk.box = self.config.next_box(self._box_mask(prob, m), previous_box, shift)
+        walk.alternatives = self._alternatives(prob, walk.box, previous_box, shift)
         if (walk.pos - walk.limit) * walk.step > 0:
             walk.active = False
         elif walk.box is None:  # the object is predicted to leave the image
