@@ -22,16 +22,25 @@ mean (c) within 0.05 of (a), mean (d) within 0.02 of (a), leakage of (c) below 5
 margin_fraction=0.1,margin_px=2 min_area_fraction=0.2``; ``--cache-dir`` keeps the embeddings
 between runs (LiteMedSAM encodes about 1-2 s per slice on a CPU, the decoder ~20 ms).
 
-Measured (2 shared CPU cores, ``--quick``, guard 10; 2026-11-30): a 0.673, b 0.614; with the
-defaults c 0.487, d 0.603, leakage of c at most 0.039 (putamen_L c 0.48 / d 0.61, caudate_L
-0.65 / 0.63, thalamus_L 0.77 / 0.79, hippocampus_L 0.05 / 0.39: LiteMedSAM's hippocampus masks
-change so much between slices that the walk ends at once); plain blended walks (the first
-version) gave c 0.30, d 0.36, leakage up to 0.38; the defaults with ``min_overlap=0.3``
-gave c 0.42, d 0.55, leakage up to 0.31. Encoder calls per object with a cold cache:
-(c) 37, 44, 33, 7 vs (a) 27, 39, 22, 40. Synthetic video (10 frames, ``--video 10``): box on
+Measured (2 shared CPU cores, all 9 objects, guard 10, display orientation fed to LiteMedSAM
+as "SLP"; 2026-11-30, third stop): a 0.714, b 0.595; defaults c 0.540 (leakage at most 0.287,
+thalamus_R), d 0.624 with ``between_keyframes="select"`` (the default) against 0.590 with
+``"interpolate"`` (brain d 0.535 -> 0.834; the 8 structures -0.020 .. +0.028). Per object, a / c:
+putamen_L 0.587 / 0.480, putamen_R 0.665 / 0.557, caudate_L 0.686 / 0.647, caudate_R 0.736 /
+0.701, thalamus_L 0.809 / 0.772, thalamus_R 0.808 / 0.615, hippocampus_L 0.609 / 0.050,
+hippocampus_R 0.594 / 0.160, brain 0.936 / 0.878. Worse, and left off by default:
+``box_threshold=0.1`` (c 0.34 / 0.33 on the putamina, leakage 0.30-0.38), ``min_overlap=0.4``
+(c 0.501, leakage up to 0.31), ``between_keyframes="walk"`` (d 0.479), ``candidate_thresholds=0.1``
+(putamen_R c 0.557 -> 0.354, leakage 0.37). Why (c) stays far from (a): with walks confined to
+the true extent, prompting each slice with the TRUE box of the previous slice reaches 0.678
+against 0.687 for (a) on the 8 structures, but the box of LiteMedSAM's own previous mask only
+0.518: the model labels about half of a small structure inside its tight box, and the error
+compounds. Earlier (second stop, "SPL" input, ``--quick``): a 0.673, b 0.614, c 0.487, d 0.603.
+Encoder calls per object with a cold cache: (c) 14, 17, 34, 35, 25, 33, 4, 8, 106 vs (a) 27, 27,
+39, 39, 22, 23, 40, 40, 152. Synthetic video (10 frames, ``--video 10``): box on
 every frame IoU 0.98; one box + tracking with the volume defaults 0.13, with
 ``margin_fraction=0.25, follow_motion=1, min_overlap=0.3`` 0.49 (exact until the object passes
-a bright truck, then stops instead of labelling background), 0.66 / 0.92 with 2 / 3 boxes.
+a bright truck, then stops instead of labelling background).
 
 Run: ``python benchmarks/propagation_realdata.py [--quick] [--cache-dir DIR] [--configs ...]``
 (``--quick``: the four left structures, no brain; about 60 slices to encode).
