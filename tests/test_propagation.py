@@ -529,3 +529,30 @@ def test_candidate_thresholds_keep_the_best_scored_box() -> None:
     assert plain.extents[1][0] > FIRST + 3
     with pytest.raises(ValueError, match="candidate_thresholds"):
         PropagationConfig(candidate_thresholds=(0.0,))
+
+
+def test_select_gaps_of_any_width_and_never_across_an_empty_keyframe(data) -> None:
+    """Gaps of 1 and 2 slices are covered exactly (one walk each side, meeting in the middle);
+    a keyframe whose mask is empty (the object is absent there) is never bridged by the
+    interpolation of its neighbours' boxes."""
+    image, truth = data
+    select = cfg(between_keyframes="select", margin_px=4)
+    only = {1: (10, 15)}
+    keys = {z: box_of(truth, z) for z in (10, 12, 15)}
+    got = run(propagate(Scored(), image, {1: keys}, config=select, slice_ranges=only))
+    np.testing.assert_array_equal(got.labels[10:16] > 0, truth[10:16] > 0)
+    assert got.timings["decoded"] <= 3 + 2 * 3  # 3 keyframes, 3 gap slices, <= 2 boxes each
+    empty = np.zeros(truth.shape[1:], bool)
+    gapped = run(
+        propagate(
+            Scored(),
+            image,
+            {1: {FIRST: box_of(truth, FIRST), LAST: box_of(truth, LAST)}},
+            masks={1: {15: empty}},
+            config=select,
+            slice_ranges={1: (FIRST, LAST)},
+        )
+    )
+    assert not gapped.labels[11:21].any()  # the walks next to the empty keyframe find nothing
+    np.testing.assert_array_equal(gapped.labels[FIRST:11] > 0, truth[FIRST:11] > 0)
+    np.testing.assert_array_equal(gapped.labels[21 : LAST + 1] > 0, truth[21 : LAST + 1] > 0)

@@ -110,6 +110,11 @@ _path_or_none = path_or_none  # earlier name
 
 
 @dataclass(frozen=True)
+class NoBoxesError(ValueError):
+    """There is no box to run: no prompts layer for the image, or no rectangle in it (clicks
+    alone may still be prompts, for a model that takes them)."""
+
+
 class SessionLoaded:
     """First item a run yields after loading a model in the worker; the GUI thread adopts it."""
 
@@ -783,12 +788,12 @@ class MASAMWidget(Container):
             self._refuse_points(image)
             if others:
                 where = "; ".join(f"{n!r} belongs to image {i!r}" for n, i in others)
-                raise ValueError(
+                raise NoBoxesError(
                     f"No prompts for image {image.name!r}: {where}. Prompts are never used on "
                     f"another image: click 'Add prompts layer' to draw on {image.name!r}, or "
                     "pick the image those prompts belong to."
                 )
-            raise ValueError(
+            raise NoBoxesError(
                 "No boxes: click 'Add prompts layer' and draw a rectangle around the object "
                 "(or switch to automatic mode)."
             )
@@ -932,8 +937,9 @@ class MASAMWidget(Container):
         propagate = values.propagate and info.n_slices > 1
         try:
             boxes, note = self._boxes_for(image, info, interpolate=not propagate)
-        except ValueError:
-            # clicks alone are prompts for a model that takes points (MA-SAM)
+        except NoBoxesError:
+            # clicks alone are prompts for a model that takes points (MA-SAM); any other box
+            # problem (boxes outside the image...) is the user's to see
             clicking = any(len(layer.data) for layer in self._point_layers(image, bind=False))
             if not clicking or self._points_supported() is False:
                 raise
@@ -1014,7 +1020,7 @@ class MASAMWidget(Container):
         if not found.vertices_rc and not self._keyframe_masks:
             self._refuse_points(image)
             skipped = f" ({', '.join(found.skipped)} enclose no region)" if found.skipped else ""
-            raise ValueError(
+            raise NoBoxesError(
                 f"No boxes in layer {prompts.name!r}{skipped}: draw a rectangle (or an ellipse "
                 "or polygon: its bounding box is used) around the object."
             )

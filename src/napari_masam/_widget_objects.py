@@ -53,8 +53,18 @@ def changed_keyframes(old: Signature | None, new: Signature) -> tuple[tuple[int,
     removed or the range changed (then the whole object must be recomputed)."""
     if old is None:
         return tuple(sorted({z for z, kind, _ in new if kind != "range"})), True
-    old_set, new_set = set(old), set(new)
-    changed = {z for z, kind, _ in new_set - old_set if kind != "range"}
+
+    def by_slice(signature: Signature) -> dict[int, set]:
+        out: dict[int, set] = {}
+        for z, kind, value in signature:
+            if kind != "range":
+                out.setdefault(z, set()).add((kind, value))
+        return out
+
+    # a slice changed when its prompts differ in any way (a box kept while its clicks or mask
+    # went away changes that slice too)
+    old_by, new_by = by_slice(old), by_slice(new)
+    changed = {z for z, prompts in new_by.items() if old_by.get(z) != prompts}
     old_slices = {z for z, kind, _ in old if kind != "range"}
     new_slices = {z for z, kind, _ in new if kind != "range"}
     range_changed = {i for i in old if i[1] == "range"} != {i for i in new if i[1] == "range"}

@@ -1,7 +1,8 @@
 """One prompt, the whole object: propagation of box/mask keyframes through slices and frames.
 
 The same engine serves volumes (slices) and videos (frames), and every model kind: a model is
-asked only for box-prompted masks of single slices (``encode`` + ``decode``), so LiteMedSAM
+asked only for prompted masks of single slices (``encode`` + ``decode``; ``decode_scored`` where
+the model scores its masks, ``decode`` with clicks on clicked keyframes), so LiteMedSAM
 (D = 1) and 5-slice MA-SAM work alike; for D > 1 the stack is cut into non-overlapping groups of
 D slices (the ``"tiled"`` windows of :func:`napari_masam.inference.iter_segment_boxes`) and each
 group is encoded once, whichever walk needs it first; with an
@@ -10,8 +11,9 @@ objects (a second object on the same stack costs decoder time only).
 
 Algorithm (per object)
 ----------------------
-1. **Keyframes** are the slices that carry a user prompt: a box (segmented with the model) or a
-   mask (a slice the user fixed with the brush, taken as is).
+1. **Keyframes** are the slices that carry a user prompt: a box (segmented with the model), clicks
+   (with or without a box; decoded with them, for models with ``supports_points``) or a mask (a
+   slice the user fixed with the brush, taken as is).
 2. **Walks**: from every keyframe, one walk goes up and one goes down, slice by slice. The box
    of the next slice is the bounding box of the mask just found grown by
    :attr:`PropagationConfig.margin_px` / :attr:`~PropagationConfig.margin_fraction`
@@ -34,11 +36,11 @@ Algorithm (per object)
    :meth:`~napari_masam.model.base.SegmentationModel.decode_scored`) is higher; no stop check
    applies inside a gap (the object goes on to the next keyframe). For a model without a trained
    IoU head, ``"select"`` is ``"interpolate"``: each slice is prompted with the interpolated box
-   and walks only go outwards from the outermost keyframes. With ``"walk"`` both walks cover every slice; slice ``z``
-   takes the probability ``w1 * p1 + w2 * p2`` with inverse-distance weights
-   ``w1 = (k2 - z) / (k2 - k1)``, ``w2 = (z - k1) / (k2 - k1)`` (a walk that ended before
-   ``z`` contributes ``p = 0``). The weights change by ``1 / (k2 - k1)`` per slice, so there is
-   no seam where the walks meet; next to a keyframe its own walk dominates.
+   and walks only go outwards from the outermost keyframes. With ``"walk"`` both walks cover
+   every slice; slice ``z`` takes the probability ``w1 * p1 + w2 * p2`` with inverse-distance
+   weights ``w1 = (k2 - z) / (k2 - k1)``, ``w2 = (z - k1) / (k2 - k1)`` (a walk that ended
+   before ``z`` contributes ``p = 0``). The weights change by ``1 / (k2 - k1)`` per slice, so
+   there is no seam where the walks meet; next to a keyframe its own walk dominates.
 4. **Labels**: pixels with probability > ``threshold``; where objects overlap, the most
    probable object wins (as in box mode).
 
@@ -88,7 +90,8 @@ class PropagationConfig:
     """How a walk derives the next prompt and decides that the object ended.
 
     The defaults were chosen on real data (``benchmarks/propagation_realdata.py``, Colin27 +
-    AAL putamen, caudate, thalamus, hippocampus (left), embedded LiteMedSAM): against plain
+    AAL putamen, caudate, thalamus, hippocampus (left), embedded LiteMedSAM; second stop, with
+    interpolated gaps): against plain
     walks blended between keyframes (``max_shrink_px=None, min_overlap=0, min_area_fraction=
     0.1, between_keyframes="walk"``) they raise the mean 3-D Dice of one box + propagation
     from 0.30 to 0.49 and of three keyframes + propagation from 0.36 to 0.60, and cut the
@@ -98,7 +101,8 @@ class PropagationConfig:
     0.834; the eight structures -0.020 .. +0.028). Measured and left off by default:
     ``box_threshold=0.1`` (and 0.25) and ``candidate_thresholds`` let one-box walks run past
     the structure (leakage up to 0.37-0.44). For videos use
-    ``margin_fraction=0.25, follow_motion=True, min_overlap=0.3``.
+    ``margin_fraction=0.25, follow_motion=True, min_overlap=0.3`` (they act on the outward
+    walks; "select" gaps between two boxed frames apply no motion shift and no stop check).
 
     Attributes
     ----------
@@ -328,7 +332,9 @@ def _keyframes(
     masks: Mapping[int, Mapping[int, np.ndarray]] | None,
     stack_shape: tuple[int, int, int],
 ) -> dict[int, dict[int, Any]]:
-    """oid -> {slice: ("box", xyxy) | ("mask", (Y, X) bool)}; masks win over boxes."""
+    """oid -> {slice: ("box", xyxy) | ("mask", (Y, X) bool)}; masks win over boxes (clicked
+    slices become ``("prompted", (probability, box or None))`` in
+    :meth:`_PropagationRun.resolve_points`)."""
     out: dict[int, dict[int, Any]] = {}
     for oid, per in check_boxes_in_stack(boxes, stack_shape).items():
         for z, b in per.items():
@@ -663,9 +669,13 @@ class _PropagationRun:
         """The keyframe boxes of one object interpolated over its gaps (cached per object)."""
         if oid not in self.interp:
             key_boxes = {z: _keyframe_box(kind, v, self.thr) for z, (kind, v) in per.items()}
-            self.interp[oid] = interpolate_keyframes(
-                {z: b for z, b in key_boxes.items() if b is not None}
-            )
+            out: dict[int, Any] = {z: b for z, b in key_boxes.items() if b is not None}
+            # pair by pair: never across a keyframe whose mask is empty (the object is absent
+            # there, nothing to interpolate from)
+            for z1, z2 in itertools.pairwise(sorted(key_boxes)):
+                if key_boxes[z1] is not None and key_boxes[z2] is not None:
+                    out.update(interpolate_keyframes({z1: key_boxes[z1], z2: key_boxes[z2]}))
+            self.interp[oid] = out
         return self.interp[oid]
 
     def gap_mode(self) -> str:
@@ -863,7 +873,11 @@ class _PropagationRun:
             if not mine:  # a select walk with neither a mask box nor an interpolated box
                 self.end_walk(walk, None)
                 continue
-            best = mine[0] if scores is None else max(mine, key=lambda j: scores[j])
+            if scores is not None:
+                best = max(mine, key=lambda j: scores[j])
+            else:  # no scores: a select walk takes the interpolated box (the "interpolate" rule)
+                best = mine[-1] if walk.select else mine[0]
+            walk.box = jobs[best][1]  # the box actually used: the next one grows from it
             if walk.select:
                 self._advance_select(walk, probs[best])
             else:

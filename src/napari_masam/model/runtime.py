@@ -605,7 +605,9 @@ class RuntimeLiteMedSAM(SegmentationModel):
         self, embeddings: torch.Tensor, boxes_xyxy: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits and predicted IoU: the exported decoder has no IoU output, so a scored decode
-        runs the torch :attr:`reference` decoder (cheap; the embeddings are the runtime's)."""
+        runs the torch :attr:`reference` decoder (cheap; the embeddings are the runtime's). Its
+        logits therefore equal :meth:`decode`'s only within :data:`MAX_LOGIT_DIFF` on a CPU
+        (exactly on a GPU, where both are the reference's)."""
         if not self.predicts_iou:
             return super().decode_scored(embeddings, boxes_xyxy)
         return self.reference.decode_scored(embeddings.to(torch.float32), boxes_xyxy)
