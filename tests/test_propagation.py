@@ -434,16 +434,21 @@ class EdgeShy(Threshold):
         return torch.stack([torch.zeros_like(x), x], dim=1)
 
 
-def test_box_threshold_keeps_an_under_segmenting_walk_on_the_object() -> None:
-    """Grown from the mask alone, each box loses 1 px per side per slice (3 px shy edge - 2 px
-    margin) and the walk dies; grown from the pixels above ``box_threshold`` it stays the object's
-    box + margin on every slice of a constant cross-section."""
+def disc_stack() -> tuple[np.ndarray, tuple[int, int, int, int]]:
+    """A disc of constant radius 12 on slices FIRST..LAST, and its tight box."""
     rows, cols = np.mgrid[:S, :S]
     image = np.zeros((DEPTH, S, S), np.float32)
     image[:, 2:6, 2:6] = 0.2
     disc = (rows - 30) ** 2 + (cols - 34) ** 2 <= 12**2
     image[FIRST : LAST + 1][:, disc] = 1.0
-    box = mask_box(disc)
+    return image, mask_box(disc)  # type: ignore[return-value]
+
+
+def test_box_threshold_keeps_an_under_segmenting_walk_on_the_object() -> None:
+    """Grown from the mask alone, each box loses 1 px per side per slice (3 px shy edge - 2 px
+    margin) and the walk dies; grown from the pixels above ``box_threshold`` it stays the object's
+    box + margin on every slice of a constant cross-section."""
+    image, box = disc_stack()
     plain = run(propagate(EdgeShy(), image, {1: {15: box}}, config=cfg(min_area_fraction=0.3)))
     fixed = run(
         propagate(
@@ -514,12 +519,7 @@ class ScoredEdgeShy(EdgeShy):
 def test_candidate_thresholds_keep_the_best_scored_box() -> None:
     """Each outward step also tries the box grown from the pixels above 0.2 and keeps the
     better-scored mask: the walk no longer collapses; a model without scores ignores it."""
-    rows, cols = np.mgrid[:S, :S]
-    image = np.zeros((DEPTH, S, S), np.float32)
-    image[:, 2:6, 2:6] = 0.2
-    disc = (rows - 30) ** 2 + (cols - 34) ** 2 <= 12**2
-    image[FIRST : LAST + 1][:, disc] = 1.0
-    box = mask_box(disc)
+    image, box = disc_stack()
     config = cfg(min_area_fraction=0.3, candidate_thresholds=(0.2,))
     got = run(propagate(ScoredEdgeShy(), image, {1: {15: box}}, config=config))
     assert got.extents[1] == (FIRST, LAST)
