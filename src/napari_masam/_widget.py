@@ -109,12 +109,12 @@ _MODES = MODES  # earlier name
 _path_or_none = path_or_none  # earlier name
 
 
-@dataclass(frozen=True)
 class NoBoxesError(ValueError):
     """There is no box to run: no prompts layer for the image, or no rectangle in it (clicks
     alone may still be prompts, for a model that takes them)."""
 
 
+@dataclass(frozen=True)
 class SessionLoaded:
     """First item a run yields after loading a model in the worker; the GUI thread adopts it."""
 

@@ -8,6 +8,7 @@ import time
 import nibabel as nib
 import numpy as np
 import pytest
+from gui_actions import canvas_pos, click_button, open_nifti, run_and_wait
 
 from napari_masam import _layers
 from napari_masam._widget import CHECKPOINT_CHOICE, NEW_LAYER_TARGET, SHORTCUTS
@@ -24,21 +25,6 @@ def _rect(z: int, r0: float, c0: float, r1: float, c1: float) -> np.ndarray:
     return np.array([[z, r0, c0], [z, r0, c1], [z, r1, c1], [z, r1, c0]], dtype=float)
 
 
-def _open_nifti(viewer, path):
-    layers = viewer.open(str(path), plugin="napari-masam")
-    assert len(layers) == 1 and "nifti" in layers[0].metadata
-    return layers[0]
-
-
-def _run_and_wait(qtbot, widget):
-    worker = widget.run()
-    assert worker is not None, widget._status.value
-    # Wait on the widget's own finished handler (connected before the thread started): a
-    # worker that fails at once can emit `finished` before a waitSignal here could connect.
-    qtbot.waitUntil(lambda: widget.worker is None, timeout=RUN_TIMEOUT_MS)
-    return worker
-
-
 def _interpolated_box(z, za, box_a, zb, box_b):
     """Linear interpolation of xyxy corners, written independently of prompts.py."""
     t = (z - za) / (zb - za)
@@ -50,7 +36,7 @@ def test_boxes_on_two_slices_fill_the_interpolated_slices(
     qtbot, viewer_widget, small_nifti_path, litemedsam_session, tmp_path
 ) -> None:
     viewer, widget = viewer_widget
-    image = _open_nifti(viewer, small_nifti_path)
+    image = open_nifti(viewer, small_nifti_path)
     data = np.asarray(image.data)
     assert widget._image.value is image
     widget._device.value = "cpu"
@@ -71,7 +57,7 @@ def test_boxes_on_two_slices_fill_the_interpolated_slices(
         boxes[z] = (c0, r0, c1, r1)  # xyxy
     assert list(prompts.features[_layers.OBJECT_FEATURE]) == [1, 1]
 
-    _run_and_wait(qtbot, widget)
+    run_and_wait(qtbot, widget)
     preview = widget.preview_layer
     assert preview is not None and preview.data.shape == data.shape
     np.testing.assert_allclose(preview.scale, image.scale)
@@ -106,7 +92,7 @@ def test_boxes_on_two_slices_fill_the_interpolated_slices(
     prompts.add_rectangles(_rect(2, rc - 8, cc - 8, rc + 8, cc + 8))
     assert list(prompts.features[_layers.OBJECT_FEATURE]) == [1, 1, 2]
     session = widget.session
-    _run_and_wait(qtbot, widget)
+    run_and_wait(qtbot, widget)
     assert widget.session is session  # model + cache reused, not reloaded
     timings = widget._last_result.timings
     assert timings["windows_encoded"] == 0 and timings["encode_s"] == 0, timings
@@ -134,7 +120,7 @@ def test_automatic_mode_names_the_classes(
     qtbot, viewer_widget, small_nifti_path, tiny_masam_path
 ) -> None:
     viewer, widget = viewer_widget
-    image = _open_nifti(viewer, small_nifti_path)
+    image = open_nifti(viewer, small_nifti_path)
     widget._model.value = CHECKPOINT_CHOICE
     assert widget._checkpoint.visible
     widget._checkpoint.value = tiny_masam_path
@@ -142,7 +128,7 @@ def test_automatic_mode_names_the_classes(
     widget._mode.value = "automatic"
     widget._stride.value = 5
 
-    _run_and_wait(qtbot, widget)
+    run_and_wait(qtbot, widget)
     preview = widget.preview_layer
     assert list(preview.features["class_name"]) == ["background", *CLASS_NAMES]
     for value, color in enumerate(CLASS_COLORS, start=1):
@@ -165,7 +151,7 @@ def test_box_only_model_refuses_automatic_with_a_message(
     qtbot, viewer_widget, small_nifti_path, litemedsam_session, monkeypatch
 ) -> None:
     viewer, widget = viewer_widget
-    _open_nifti(viewer, small_nifti_path)
+    open_nifti(viewer, small_nifti_path)
     errors = []
     monkeypatch.setattr("napari.utils.notifications.show_error", errors.append)
     widget._device.value = "cpu"
@@ -183,7 +169,7 @@ def test_cancel_halfway_keeps_finished_slices_and_user_layer(
     qtbot, viewer_widget, small_nifti_path, tiny_masam_path
 ) -> None:
     viewer, widget = viewer_widget
-    image = _open_nifti(viewer, small_nifti_path)
+    image = open_nifti(viewer, small_nifti_path)
     mine = viewer.add_labels(np.zeros(image.data.shape, np.uint8), name="mine")
     mine.data[:, 5:15, 5:15] = 7
     before = np.array(mine.data, copy=True)
@@ -247,11 +233,11 @@ def test_gui_thread_stays_responsive_during_a_run(
     widget._mode.value = "automatic"
     widget._stride.value = 2
     # first run: loads the checkpoint in the worker and creates the preview layer
-    load_gaps = _timer_gaps_ms(lambda: _run_and_wait(qtbot, widget))
+    load_gaps = _timer_gaps_ms(lambda: run_and_wait(qtbot, widget))
     # what this (shared, busy) machine gives an idle GUI thread, for the report
     idle_gaps = _timer_gaps_ms(lambda: qtbot.wait(1000))
     widget._stride.value = 1
-    gaps = _timer_gaps_ms(lambda: _run_and_wait(qtbot, widget))
+    gaps = _timer_gaps_ms(lambda: run_and_wait(qtbot, widget))
     n = int(widget._last_result.timings.get("windows_encoded", 0))
     summary = (
         f"GUI timer during a {n}-window run: {gaps.size} ticks, max gap {gaps.max():.0f} ms, "
@@ -274,7 +260,7 @@ def test_errors_become_notifications_and_the_widget_stays_usable(
     qtbot, viewer_widget, small_nifti_path, tmp_path, litemedsam_session, monkeypatch
 ) -> None:
     viewer, widget = viewer_widget
-    image = _open_nifti(viewer, small_nifti_path)
+    image = open_nifti(viewer, small_nifti_path)
     errors: list[str] = []
     monkeypatch.setattr("napari.utils.notifications.show_error", lambda m: errors.append(str(m)))
 
@@ -285,7 +271,7 @@ def test_errors_become_notifications_and_the_widget_stays_usable(
     widget._checkpoint.value = bad
     widget._device.value = "cpu"
     widget._mode.value = "automatic"
-    _run_and_wait(qtbot, widget)
+    run_and_wait(qtbot, widget)
     assert len(errors) == 1 and "broken.safetensors" in errors[0], errors
     assert widget._status.value.startswith("Error")
     assert widget._run_btn.enabled and widget.session is None
@@ -307,7 +293,7 @@ def test_errors_become_notifications_and_the_widget_stays_usable(
     prompts = widget.add_prompts_layer()
     prompts.add_rectangles(_rect(2, 10, 10, 40, 40))
     n_errors = len(errors)
-    _run_and_wait(qtbot, widget)
+    run_and_wait(qtbot, widget)
     assert len(errors) == n_errors
     assert widget.preview_layer.data[2].any()
 
@@ -316,14 +302,14 @@ def test_commit_into_existing_layer_is_undoable_and_new_layer_keeps_classes(
     qtbot, viewer_widget, small_nifti_path, litemedsam_session
 ) -> None:
     viewer, widget = viewer_widget
-    image = _open_nifti(viewer, small_nifti_path)
+    image = open_nifti(viewer, small_nifti_path)
     widget._device.value = "cpu"
     widget.set_session(litemedsam_session)
     prompts = widget.add_prompts_layer()
     data = np.asarray(image.data)
     rows, cols = np.nonzero(data[3] > 0)
     prompts.add_rectangles(_rect(3, rows.min(), cols.min(), rows.max(), cols.max()))
-    _run_and_wait(qtbot, widget)
+    run_and_wait(qtbot, widget)
     preview = np.array(widget.preview_layer.data, copy=True)
     assert preview[3].any()
 
@@ -377,20 +363,6 @@ def test_shortcuts_are_bound_and_every_control_has_a_tooltip(viewer_widget) -> N
 # ---------------------------------------------------------------------------------------------
 # issue 17: export, additive runs, object table, focus and binding, shapes, honest modes, units
 # ---------------------------------------------------------------------------------------------
-def _click(qtbot, button) -> None:
-    """A real left click on a magicgui PushButton."""
-    from qtpy.QtCore import Qt
-
-    qtbot.mouseClick(button.native, Qt.MouseButton.LeftButton)
-
-
-def _canvas_pos(viewer, world_yx):
-    """Canvas (widget) pixel position of a world (y, x) point in the 2-D view."""
-    canvas = viewer.window._qt_viewer.canvas
-    w, h = canvas._scene_canvas.size
-    cy, cx = viewer.camera.center[-2:]
-    zoom = viewer.camera.zoom
-    return ((world_yx[1] - cx) * zoom + w / 2, (world_yx[0] - cy) * zoom + h / 2)
 
 
 def _drag_on_canvas(qtbot, viewer, world_a, world_b) -> None:
@@ -404,7 +376,7 @@ def _drag_on_canvas(qtbot, viewer, world_a, world_b) -> None:
     mods = Qt.KeyboardModifier.NoModifier
 
     def send(kind, world, button, buttons):
-        pos = QPointF(*_canvas_pos(viewer, world))
+        pos = QPointF(*canvas_pos(viewer, world))
         QApplication.sendEvent(native, QMouseEvent(kind, pos, pos, button, buttons, mods))
         qtbot.wait(30)  # napari handles one move per event-loop turn, as with a real mouse
 
@@ -420,7 +392,7 @@ def test_export_button_writes_nifti_on_the_image_grid_and_header(
     qtbot, viewer_widget, small_nifti_path, tmp_path
 ) -> None:
     viewer, widget = viewer_widget
-    image = _open_nifti(viewer, small_nifti_path)
+    image = open_nifti(viewer, small_nifti_path)
     display = np.asarray(image.data)
     mine = viewer.add_labels((display > np.percentile(display, 70)).astype(np.uint8), name="mine")
     mine.data[display > np.percentile(display, 90)] = 2
@@ -433,7 +405,7 @@ def test_export_button_writes_nifti_on_the_image_grid_and_header(
         return str(tmp_path / "mine_export")  # no suffix typed: .nii.gz is added
 
     widget._ask_export_path = ask
-    _click(qtbot, widget._export_btn)
+    click_button(qtbot, widget._export_btn)
     assert asked and asked[0][1].endswith(".nii.gz")
     out = tmp_path / "mine_export.nii.gz"
     assert out.is_file(), widget._status.value
@@ -475,14 +447,14 @@ def test_export_video_masks_and_overlay_from_the_widget(qtbot, viewer_widget, tm
     ]
     widget._export_format.value = "PNG masks (EndoVis)"
     widget._ask_export_path = lambda fmt, s: str(tmp_path / "masks")
-    _click(qtbot, widget._export_btn)
+    click_button(qtbot, widget._export_btn)
     qtbot.waitUntil(lambda: widget._export_worker is None, timeout=60_000)
     np.testing.assert_array_equal(read_png_masks(tmp_path / "masks"), labels)
     assert sorted(p.name for p in (tmp_path / "masks").iterdir())[0] == "frame000.png"
 
     widget._export_format.value = "overlay mp4"
     widget._ask_export_path = lambda fmt, s: str(tmp_path / "overlay.mp4")
-    _click(qtbot, widget._export_btn)
+    click_button(qtbot, widget._export_btn)
     qtbot.waitUntil(lambda: widget._export_worker is None, timeout=60_000)
     overlay = iio.imread(tmp_path / "overlay.mp4", plugin="pyav")
     assert overlay.shape == (6, 48, 64, 3)
@@ -496,7 +468,7 @@ def test_runs_add_to_the_preview_cancel_keeps_it_and_names_survive_commit(
     qtbot, viewer_widget, small_nifti_path, litemedsam_session
 ) -> None:
     viewer, widget = viewer_widget
-    image = _open_nifti(viewer, small_nifti_path)
+    image = open_nifti(viewer, small_nifti_path)
     data = np.asarray(image.data)
     widget._device.value = "cpu"
     widget.set_session(litemedsam_session)
@@ -504,7 +476,7 @@ def test_runs_add_to_the_preview_cancel_keeps_it_and_names_survive_commit(
     prompts = widget.add_prompts_layer()
     rows, cols = np.nonzero(data[2] > 0)
     prompts.add_rectangles(_rect(2, rows.min(), cols.min(), rows.max(), cols.max()))
-    _run_and_wait(qtbot, widget)
+    run_and_wait(qtbot, widget)
     first = np.array(widget.preview_layer.data, copy=True)
     assert (first[2] == 1).sum() > 100
 
@@ -531,7 +503,7 @@ def test_runs_add_to_the_preview_cancel_keeps_it_and_names_survive_commit(
     assert (after_cancel == 1).sum() > 100
 
     # the next run recomputes only the unfinished object 2, on all its slices
-    _run_and_wait(qtbot, widget)
+    run_and_wait(qtbot, widget)
     assert tuple(widget._last_result.object_ids) == (2,)
     final = np.array(widget.preview_layer.data, copy=True)
     assert all((final[z] == 2).any() for z in range(6)), "object 2 misses slices"
@@ -556,7 +528,7 @@ def test_runs_add_to_the_preview_cancel_keeps_it_and_names_survive_commit(
     _layers.set_label_classes(mine, ["a", "b", "skull"], ["#111111", "#222222", "#123456"])
     widget._target.value = mine
     widget._policy.value = "keep"
-    _click(qtbot, widget._commit_btn)
+    click_button(qtbot, widget._commit_btn)
     assert set(np.unique(mine.data)) == {0, 1, 2, 3}
     assert list(mine.features["class_name"]) == ["background", "object 1", "ventricle", "skull"]
     np.testing.assert_allclose(mine.colormap.map(2)[:3], [0, 1, 0], atol=1e-6)
@@ -573,7 +545,7 @@ def test_prompts_stay_active_for_drawing_and_belong_to_their_image(
     viewer, widget = viewer_widget
     errors: list[str] = []
     monkeypatch.setattr("napari.utils.notifications.show_error", lambda m: errors.append(str(m)))
-    image = _open_nifti(viewer, small_nifti_path)
+    image = open_nifti(viewer, small_nifti_path)
     data = np.asarray(image.data)
     widget._device.value = "cpu"
     widget.set_session(litemedsam_session)
@@ -581,7 +553,7 @@ def test_prompts_stay_active_for_drawing_and_belong_to_their_image(
     rows, cols = np.nonzero(data[3] > 0)
     prompts.add_rectangles(_rect(3, rows.min(), cols.min(), rows.max(), cols.max()))
     viewer.dims.set_point(0, image.data_to_world([3, 0, 0])[0])  # slice 3 on screen
-    _run_and_wait(qtbot, widget)
+    run_and_wait(qtbot, widget)
     assert viewer.layers.selection.active is prompts
     assert prompts.mode == "add_rectangle"
     # the next drag on the canvas draws a box (it does not pan)
@@ -611,7 +583,7 @@ def test_2d_shapes_over_a_volume_use_the_slice_on_screen_and_ellipses_are_boxes(
     viewer, widget = viewer_widget
     errors: list[str] = []
     monkeypatch.setattr("napari.utils.notifications.show_error", lambda m: errors.append(str(m)))
-    image = _open_nifti(viewer, small_nifti_path)
+    image = open_nifti(viewer, small_nifti_path)
     data = np.asarray(image.data)
     widget._device.value = "cpu"
     widget.set_session(litemedsam_session)
@@ -629,7 +601,7 @@ def test_2d_shapes_over_a_volume_use_the_slice_on_screen_and_ellipses_are_boxes(
     world = corners * np.asarray(image.scale)[-2:] + np.asarray(image.translate)[-2:]
     viewer.add_shapes([world], shape_type="ellipse", name="prompts")
     viewer.dims.set_point(0, image.data_to_world([4, 0, 0])[0])  # slice 4 on screen
-    _run_and_wait(qtbot, widget)
+    run_and_wait(qtbot, widget)
     labels = np.asarray(widget.preview_layer.data)
     assert [z for z in range(data.shape[0]) if labels[z].any()] == [4]
     assert "slice 4" in widget._status.value or "slice 4" in str(widget._last_result)
@@ -750,7 +722,7 @@ def test_one_box_propagates_a_brush_fix_reruns_dependent_slices_and_ctrl_z_resto
         functools.partial(propagation.PropagationConfig, min_overlap=0.3),
     )
     viewer, widget = viewer_widget
-    image = _open_nifti(viewer, small_nifti_path)
+    image = open_nifti(viewer, small_nifti_path)
     data = np.asarray(image.data)
     widget._device.value = "cpu"
     widget.set_session(litemedsam_session)
@@ -758,7 +730,7 @@ def test_one_box_propagates_a_brush_fix_reruns_dependent_slices_and_ctrl_z_resto
     prompts = widget.add_prompts_layer()
     rows, cols = np.nonzero(data[2] > 0)
     prompts.add_rectangles(_rect(2, rows.min(), cols.min(), rows.max(), cols.max()))
-    _run_and_wait(qtbot, widget)
+    run_and_wait(qtbot, widget)
     assert widget._last_result.mode == "propagate"
     first = np.array(widget.preview_layer.data, copy=True)
     covered = [z for z in range(data.shape[0]) if (first[z] == 1).any()]
@@ -775,7 +747,7 @@ def test_one_box_propagates_a_brush_fix_reruns_dependent_slices_and_ctrl_z_resto
     widget.preview_layer.data[3] = fixed
     viewer.dims.set_point(0, image.data_to_world([3, 0, 0])[0])
     assert widget.mark_keyframe()
-    _run_and_wait(qtbot, widget)
+    run_and_wait(qtbot, widget)
     second = np.array(widget.preview_layer.data, copy=True)
     np.testing.assert_array_equal(second[3], fixed)  # the fix is kept as drawn
     # slices on the other side of the prompted slice 2 do not depend on the fix: bit-identical
@@ -802,14 +774,14 @@ def test_precompute_button_fills_the_cache_so_a_box_only_decodes(
     qtbot, viewer_widget, small_nifti_path, litemedsam_session
 ) -> None:
     viewer, widget = viewer_widget
-    image = _open_nifti(viewer, small_nifti_path)
+    image = open_nifti(viewer, small_nifti_path)
     from napari_masam.session import SegmentationSession
 
     # a fresh cache on the shared model: nothing of this image is encoded yet
     session = SegmentationSession(litemedsam_session.model, litemedsam_session.device)
     widget._device.value = "cpu"
     widget.set_session(session)
-    _click(qtbot, widget._precompute_btn)
+    click_button(qtbot, widget._precompute_btn)
     qtbot.waitUntil(lambda: widget.worker is None, timeout=RUN_TIMEOUT_MS)
     assert "Embeddings of 6 slices ready" in widget._status.value, widget._status.value
     assert len(session.cache) >= 6
@@ -817,5 +789,5 @@ def test_precompute_button_fills_the_cache_so_a_box_only_decodes(
     prompts = widget.add_prompts_layer()
     rows, cols = np.nonzero(data[4] > 0)
     prompts.add_rectangles(_rect(4, rows.min(), cols.min(), rows.max(), cols.max()))
-    _run_and_wait(qtbot, widget)
+    run_and_wait(qtbot, widget)
     assert widget._last_result.timings["windows_encoded"] == 0

@@ -5,41 +5,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from gui_actions import canvas_pos, click_button, open_nifti, run_and_wait
 
 from napari_masam import _layers
 from napari_masam._widget import CHECKPOINT_CHOICE
 
 pytestmark = pytest.mark.gui
-
-RUN_TIMEOUT_MS = 120_000
-
-
-def _open_nifti(viewer, path):
-    layers = viewer.open(str(path), plugin="napari-masam")
-    assert len(layers) == 1
-    return layers[0]
-
-
-def _run_and_wait(qtbot, widget):
-    worker = widget.run()
-    assert worker is not None, widget._status.value
-    qtbot.waitUntil(lambda: widget.worker is None, timeout=RUN_TIMEOUT_MS)
-    return worker
-
-
-def _press_button(qtbot, button) -> None:
-    from qtpy.QtCore import Qt
-
-    qtbot.mouseClick(button.native, Qt.MouseButton.LeftButton)
-
-
-def _canvas_pos(viewer, world_yx):
-    """Canvas (widget) pixel position of a world (y, x) point in the 2-D view."""
-    canvas = viewer.window._qt_viewer.canvas
-    w, h = canvas._scene_canvas.size
-    cy, cx = viewer.camera.center[-2:]
-    zoom = viewer.camera.zoom
-    return ((world_yx[1] - cx) * zoom + w / 2, (world_yx[0] - cy) * zoom + h / 2)
 
 
 def _click_canvas(qtbot, viewer, world_yx) -> None:
@@ -51,7 +22,7 @@ def _click_canvas(qtbot, viewer, world_yx) -> None:
     native = viewer.window._qt_viewer.canvas.native
     left, none = Qt.MouseButton.LeftButton, Qt.MouseButton.NoButton
     mods = Qt.KeyboardModifier.NoModifier
-    pos = QPointF(*_canvas_pos(viewer, world_yx))
+    pos = QPointF(*canvas_pos(viewer, world_yx))
     for kind, button, buttons in (
         (QMouseEvent.Type.MouseMove, none, none),
         (QMouseEvent.Type.MouseButtonPress, left, left),
@@ -81,7 +52,7 @@ def test_clicks_are_positive_then_negative_and_run_uses_them(
     from napari_masam.inference import run
 
     viewer, widget = viewer_widget
-    image = _open_nifti(viewer, small_nifti_path)
+    image = open_nifti(viewer, small_nifti_path)
     data = np.asarray(image.data)
     z = 3
     widget._model.value = CHECKPOINT_CHOICE
@@ -98,7 +69,7 @@ def test_clicks_are_positive_then_negative_and_run_uses_them(
     prompts.add_rectangles(np.array([[z, r0, c0], [z, r0, c1], [z, r1, c1], [z, r1, c0]]))
 
     # the button makes the image's point layer, bound to it, active in add mode
-    _press_button(qtbot, widget._points_btn)
+    click_button(qtbot, widget._points_btn)
     points = viewer.layers.selection.active
     assert isinstance(points, widget._Points) and points.mode == "add"
     assert _layers.is_bound_to(points, image)
@@ -131,7 +102,7 @@ def test_clicks_are_positive_then_negative_and_run_uses_them(
         return real(model, stack, boxes, **kwargs)
 
     monkeypatch.setattr(inference, "iter_segment_boxes", spy)
-    _run_and_wait(qtbot, widget)
+    run_and_wait(qtbot, widget)
     assert widget.session is not None and widget.session.model.supports_points
     assert viewer.layers.selection.active is points and points.mode == "add"
     box = (int(c0), int(r0), int(c1), int(r1))
@@ -154,7 +125,7 @@ def test_clicks_are_positive_then_negative_and_run_uses_them(
     assert widget.run() is None and "Nothing changed" in widget._status.value
     _click_canvas(qtbot, viewer, _world(image, z, r1 - 0.2 * (r1 - r0), c1 - 0.2 * (c1 - c0)))
     assert len(points.data) == 3
-    _run_and_wait(qtbot, widget)
+    run_and_wait(qtbot, widget)
     assert len(calls) == 2 and [p[2] for p in calls[-1]["points"][1][z]] == [1, 0, 1]
 
 
@@ -164,10 +135,10 @@ def test_a_model_without_points_says_what_was_measured(
     viewer, widget = viewer_widget
     errors: list[str] = []
     monkeypatch.setattr("napari.utils.notifications.show_error", lambda m: errors.append(str(m)))
-    image = _open_nifti(viewer, small_nifti_path)
+    image = open_nifti(viewer, small_nifti_path)
     assert widget._model.value == "litemedsam"
     # the button refuses at once, with the measured reason (no model is loaded for that)
-    _press_button(qtbot, widget._points_btn)
+    click_button(qtbot, widget._points_btn)
     assert not any(isinstance(layer, widget._Points) for layer in viewer.layers)
     assert "Point prompts are not supported by model 'litemedsam'" in errors[-1]
     assert "0.708" in errors[-1] and "box prompts only" in errors[-1]
