@@ -72,20 +72,10 @@ from pathlib import Path
 
 import numpy as np
 
-TEMPLATES = Path("/usr/share/mricron/templates")
+# The data, the structures, the tight-box margin and Dice are propagation_realdata.py's (same
+# folder; a script's folder is on sys.path).
+from propagation_realdata import MARGIN, STRUCTURES, TEMPLATES, dice, load
 
-#: Structure -> AAL region id (aal.nii.txt), as benchmarks/propagation_realdata.py.
-STRUCTURES: dict[str, int] = {
-    "putamen_L": 73,
-    "putamen_R": 74,
-    "caudate_L": 71,
-    "caudate_R": 72,
-    "thalamus_L": 77,
-    "thalamus_R": 78,
-    "hippocampus_L": 37,
-    "hippocampus_R": 38,
-}
-MARGIN = 2  # voxels around the bounding box of a "tight" box
 MAX_CLICKS = 3
 #: Ventricle definition (see the module docstring).
 CSF_FRACTION = 0.5
@@ -96,21 +86,6 @@ SLICE_SLACK = 5
 MIN_VENTRICLE_VOXELS = 1000
 VENTRICLE_SLICES = 3
 DEEP_GREY = (71, 72, 77, 78)  # AAL caudate L/R, thalamus L/R
-
-
-def load(templates: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """T1 image, AAL atlas and brain mask, (Z, Y, X) in the display orientation."""
-    from napari_masam.io.nifti import read_nifti
-
-    image = np.asarray(read_nifti(templates / "ch2.nii.gz", as_labels=False).data, np.float32)
-    atlas = np.asarray(read_nifti(templates / "aal.nii.gz", as_labels=True).data)
-    brain = np.asarray(read_nifti(templates / "ch2bet.nii.gz", as_labels=False).data) > 0
-    return image, atlas, brain
-
-
-def dice(pred: np.ndarray, truth: np.ndarray) -> float:
-    denom = pred.sum() + truth.sum()
-    return float(2.0 * np.logical_and(pred, truth).sum() / denom) if denom else 1.0
 
 
 def tight_box(mask_yx: np.ndarray) -> tuple[int, int, int, int]:

@@ -24,8 +24,8 @@ between runs (LiteMedSAM encodes about 1-2 s per slice on a CPU, the decoder ~20
 
 Measured (2 shared CPU cores, all 9 objects, guard 10, display orientation fed to LiteMedSAM
 as "SLP"; 2026-11-30, third stop): a 0.714, b 0.595; defaults c 0.540 (leakage at most 0.287,
-thalamus_R), d 0.624 with ``between_keyframes="select"`` (the default) against 0.590 with
-``"interpolate"`` (brain d 0.535 -> 0.834; the 8 structures -0.020 .. +0.028). Per object, a / c:
+thalamus_R), d 0.633 with ``between_keyframes="select"`` (the default) against 0.590 with
+``"interpolate"`` (brain d 0.535 -> 0.835; the 8 structures -0.015 .. +0.078). Per object, a / c:
 putamen_L 0.587 / 0.480, putamen_R 0.665 / 0.557, caudate_L 0.686 / 0.647, caudate_R 0.736 /
 0.701, thalamus_L 0.809 / 0.772, thalamus_R 0.808 / 0.615, hippocampus_L 0.609 / 0.050,
 hippocampus_R 0.594 / 0.160, brain 0.936 / 0.878. Worse, and left off by default:

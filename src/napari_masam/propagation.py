@@ -97,8 +97,8 @@ class PropagationConfig:
     from 0.30 to 0.49 and of three keyframes + propagation from 0.36 to 0.60, and cut the
     leakage outside the structure's slices from up to 38 % to under 4 %. On all eight AAL
     structures and the ch2bet brain, ``between_keyframes="select"`` raised the mean Dice of
-    three keyframes + propagation from 0.590 (``"interpolate"``) to 0.624 (brain 0.535 ->
-    0.834; the eight structures -0.020 .. +0.028). Measured and left off by default:
+    three keyframes + propagation from 0.590 (``"interpolate"``) to 0.633 (brain 0.535 ->
+    0.835; the eight structures -0.015 .. +0.078). Measured and left off by default:
     ``box_threshold=0.1`` (and 0.25) and ``candidate_thresholds`` let one-box walks run past
     the structure (leakage up to 0.37-0.44). For videos use
     ``margin_fraction=0.25, follow_motion=True, min_overlap=0.3`` (they act on the outward

@@ -5,23 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from configs import TINY_LITE_ENCODER
 
 from napari_masam.model.base import check_points, points_refusal
 from napari_masam.model.lite import LiteMedSAM
 from napari_masam.model.masam import build_masam
-
-# LiteMedSAM's TinyViT code path at 64 px (as tests/model/test_lite.py).
-TINY_LITE = {
-    "img_size": 64,
-    "in_chans": 3,
-    "embed_dims": [8, 16, 16, 320],
-    "depths": [1, 1, 2, 1],
-    "num_heads": [1, 2, 2, 4],
-    "window_sizes": [7, 7, 7, 7],
-    "mlp_ratio": 2.0,
-    "mbconv_expand_ratio": 2.0,
-    "local_conv_size": 3,
-}
 
 
 @pytest.fixture(scope="module")
@@ -165,7 +153,7 @@ def test_a_row_without_box_or_point_is_refused(masam, embeddings) -> None:
 @pytest.fixture(scope="module")
 def tiny_lite() -> LiteMedSAM:
     torch.manual_seed(0)
-    return LiteMedSAM(encoder_config=TINY_LITE).eval()
+    return LiteMedSAM(encoder_config=TINY_LITE_ENCODER).eval()
 
 
 def test_litemedsam_refuses_points_with_the_measured_reason(tiny_lite) -> None:
@@ -197,7 +185,7 @@ def test_masam_lite_and_runtime_follow_litemedsam(tiny_lite, tmp_path) -> None:
 
     torch.manual_seed(0)
     adapted = MASAMLite(
-        num_classes=2, slices_per_group=3, rank=4, adapter_width=8, encoder_config=TINY_LITE
+        num_classes=2, slices_per_group=3, rank=4, adapter_width=8, encoder_config=TINY_LITE_ENCODER
     ).eval()
     emb = torch.randn(1, 256, 16, 16)
     boxes = torch.tensor([[0.0, 0.0, 30.0, 30.0]])
